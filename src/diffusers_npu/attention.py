@@ -1,0 +1,397 @@
+"""Attention processors for diffusers ``Attention`` modules on Ascend NPU, CUDA and CPU.
+
+``set_attention(model, mode)`` installs one of our processors on every plain diffusers ``Attention``
+module inside ``model`` (a UNet, a ControlNet, a VAE, or a single ``Attention``):
+
+* ``"flash"``  -- the fused kernel of the device: ``torch_npu.npu_fusion_attention`` on NPU (fp16/bf16
+  only; fp32 falls back to fp32 SDPA), SDPA restricted to the flash / memory-efficient / cuDNN backends
+  on CUDA, plain SDPA on CPU.
+* ``"upcast"`` -- scores, mask and softmax computed in fp32 with autocast disabled, output cast back to
+  the input dtype. This is the fix for fp16 overflow (``|q.k| * scale > 65504`` becomes ``inf`` in the
+  classic ``baddbmm`` path, and the softmax turns it into NaN).
+* ``"auto"``   -- decided per call from the query's device and dtype (so moving or casting the model
+  after ``set_attention`` is fine): flash on NPU with fp16/bf16 and on CUDA; upcast for fp16/bf16
+  elsewhere; otherwise the same computation as diffusers' stock processor.
+* ``"default"`` -- diffusers' stock processor, chosen the way ``Attention.__init__`` chooses it
+  (``AttnProcessor2_0``, or the classic ``AttnProcessor`` when ``scale_qk=False``).
+
+Device decisions go through :func:`diffusers_npu.device.tensor_device_type` (the test seam) and the NPU
+kernel is reached only through :func:`diffusers_npu.device.get_torch_npu` -- this module never imports
+torch_npu itself.
+
+Masks: diffusers hands processors either an *additive* float mask (0 = keep, a large negative value such
+as -10000, ``finfo.min`` or ``-inf`` = drop) or a boolean *keep* mask (True = attend, SDPA's convention).
+``npu_fusion_attention`` wants the opposite polarity: a bool mask where True = masked OUT. An additive
+mask holding other values (a soft bias) cannot be expressed as a bool mask, so such calls use the fp32
+path instead of the kernel rather than silently dropping the bias.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from . import device as _device
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_MODES = ("auto", "flash", "upcast", "default")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Additive-mask entries at or below this are "masked out" when translating to the NPU kernel's bool mask.
+# exp(-1000) underflows to 0 in every float format, so dropping those keys is exact for any realistic
+# score range; diffusers itself uses -10000.
+_MASKED_THRESHOLD = -1000.0
+# npu_fusion_attention supports head dims up to this (see npu-notes.md); larger ones use the fp32 path.
+_NPU_FA_MAX_HEAD_DIM = 768
+_INT32_MAX = 2147483647
+# Upper bound for one fp32 score block in the upcast path (queries are processed in chunks).
+_UPCAST_MAX_SCORE_BYTES = 256 * 1024 * 1024
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+# --------------------------------------------------------------------------------------------- masks
+def _prepare_mask(attn: Attention, attention_mask, key_len: int, batch_size: int):
+    """diffusers mask -> (B, heads, Q or 1, K); float (additive) or bool (True = keep)."""
+    if attention_mask is None:
+        return None
+    if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+        # Integer masks follow the tokenizer convention (1 = keep); make that explicit as a bool keep-mask.
+        attention_mask = attention_mask != 0
+    mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+    return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+
+
+def _mask_for_sdpa(mask, dtype: torch.dtype):
+    """SDPA takes bool masks as keep-masks (as diffusers does) and float masks in the query dtype."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask.to(dtype)
+
+
+def npu_bool_mask(mask: Optional[torch.Tensor], query_len: int) -> Optional[torch.Tensor]:
+    """Translate a prepared diffusers mask (B, H, Q|1, K) into npu_fusion_attention's mask.
+
+    Returns a contiguous bool tensor of shape (B, H, Q, K) where True = masked OUT, or raises
+    ``ValueError`` if the mask is a soft additive bias (values other than 0 and <= -1000) that a bool
+    mask cannot represent. ``None`` stays ``None``.
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        masked_out = ~mask  # SDPA / diffusers keep-mask -> kernel drop-mask
+    else:
+        masked_out = mask <= _MASKED_THRESHOLD  # also true for -inf
+        kept = mask == 0
+        if not bool((masked_out | kept).all()):
+            raise ValueError("additive attention mask holds soft bias values; a bool mask cannot express them")
+    b, h, _, k = masked_out.shape
+    return masked_out.expand(b, h, query_len, k).contiguous()
+
+
+# ----------------------------------------------------------------------------------------- kernels
+def _sdpa(q, k, v, mask, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_for_sdpa(mask, q.dtype), dropout_p=0.0, scale=scale)
+
+
+def _upcast_attention(q, k, v, mask, scale):
+    """fp32 scores/mask/softmax with autocast off; result in the input dtype.
+
+    Written as explicit matmuls (not SDPA) so that the numerics are exactly "fp32 q@k^T*scale + mask,
+    fp32 softmax, fp32 @ v" on every backend. The fp32 score matrix is built for chunks of queries so
+    that one chunk stays under ``_UPCAST_MAX_SCORE_BYTES`` (768 px SD would otherwise need tens of GiB).
+    """
+    dtype = q.dtype
+    b, h, q_len, _ = q.shape
+    k_len = k.shape[2]
+    chunk = max(1, min(q_len, _UPCAST_MAX_SCORE_BYTES // max(1, b * h * k_len * 4)))
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        k32 = k.float().transpose(-1, -2)
+        v32 = v.float()
+        outs = []
+        for start in range(0, q_len, chunk):
+            stop = min(q_len, start + chunk)
+            scores = torch.matmul(q[:, :, start:stop].float(), k32) * scale
+            if mask is not None:
+                m = mask if mask.shape[2] == 1 else mask[:, :, start:stop]
+                if m.dtype == torch.bool:
+                    scores = scores.masked_fill(~m, float("-inf"))
+                else:
+                    scores = scores + m.float()
+            outs.append(torch.matmul(scores.softmax(dim=-1), v32))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(dtype)
+
+
+def _cuda_fused_sdpa(q, k, v, mask, scale):
+    """SDPA restricted to fused backends. Raises RuntimeError if none of them accepts the inputs."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no per-call backend selection, let SDPA choose
+        return _sdpa(q, k, v, mask, scale)
+    # Flash cannot take an arbitrary mask; listing the memory-efficient and cuDNN kernels too lets
+    # torch pick the first fused kernel that can, and never the O(S^2)-memory math kernel.
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(backends):
+        return _sdpa(q, k, v, mask, scale)
+
+
+def _npu_fusion_attention(attn: Attention, q, k, v, npu_mask):
+    torch_npu = _device.get_torch_npu()
+    return torch_npu.npu_fusion_attention(
+        q,
+        k,
+        v,
+        attn.heads,
+        input_layout="BNSD",
+        pse=None,
+        atten_mask=npu_mask,
+        scale=attn.scale,
+        keep_prob=1.0,
+        pre_tockens=_INT32_MAX,
+        next_tockens=_INT32_MAX,
+        inner_precise=0,
+        sparse_mode=0,
+    )[0]
+
+
+# -------------------------------------------------------------------------------------- processors
+class _DiffusersNpuAttnProcessor:
+    """Shared pre/post-processing, mirroring diffusers' ``AttnProcessor2_0``; subclasses pick the kernel.
+
+    Processors are stateless apart from ``path_counts`` (which kernel path ran how often; for logging and
+    tests), so one instance is shared by all modules.
+    """
+
+    mode = "?"
+
+    def __init__(self):
+        self.path_counts: Counter = Counter()
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        # Extra args (e.g. the deprecated LoRA `scale`) are ignored, like diffusers' own processors do.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, key_len, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        mask = _prepare_mask(attn, attention_mask, key_len, batch_size)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        # (B, S, H*D) -> (B, H, S, D): the "BNSD" layout both SDPA and npu_fusion_attention take.
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = self._attend(attn, query, key, value, mask)
+
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)  # linear projection
+        out = attn.to_out[1](out)  # dropout
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    # -- kernels; each records which path it took --------------------------------------------------
+    def _attend(self, attn, q, k, v, mask):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run_sdpa(self, attn, q, k, v, mask):
+        self.path_counts["sdpa"] += 1
+        return _sdpa(q, k, v, mask, attn.scale)
+
+    def _run_upcast(self, attn, q, k, v, mask):
+        self.path_counts["upcast_fp32"] += 1
+        return _upcast_attention(q, k, v, mask, attn.scale)
+
+    def _run_flash(self, attn, q, k, v, mask):
+        """Device's fused kernel; falls back (fp32-safe) when the kernel cannot take the inputs."""
+        kind = _device.tensor_device_type(q)
+        if kind == "npu":
+            if q.dtype not in _HALF_DTYPES:
+                # The kernel only takes fp16/bf16; fp32 must never reach it.
+                _warn_once("npu_fp32", "npu_fusion_attention needs fp16/bf16 inputs; using fp32 SDPA instead.")
+                return self._run_sdpa(attn, q, k, v, mask)
+            if q.shape[-1] > _NPU_FA_MAX_HEAD_DIM:
+                _warn_once("npu_hdim", f"head dim {q.shape[-1]} > {_NPU_FA_MAX_HEAD_DIM}: not using npu_fusion_attention.")
+                return self._run_upcast(attn, q, k, v, mask)
+            try:
+                npu_mask = npu_bool_mask(mask, q.shape[2])
+            except ValueError as exc:
+                _warn_once("npu_softmask", f"{exc}; using the fp32 attention path for such calls.")
+                return self._run_upcast(attn, q, k, v, mask)
+            self.path_counts["npu_fusion_attention"] += 1
+            return _npu_fusion_attention(attn, q, k, v, npu_mask)
+        if kind == "cuda":
+            try:
+                out = _cuda_fused_sdpa(q, k, v, mask, attn.scale)
+            except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but not one to paper over
+                raise
+            except RuntimeError as exc:  # "No available kernel": no fused backend takes these inputs
+                _warn_once("cuda_nokernel", f"No fused SDPA kernel for these inputs ({exc}); falling back.")
+                if q.dtype in _HALF_DTYPES:
+                    return self._run_upcast(attn, q, k, v, mask)
+                return self._run_sdpa(attn, q, k, v, mask)
+            self.path_counts["sdpa_fused_cuda"] += 1
+            return out
+        return self._run_sdpa(attn, q, k, v, mask)
+
+
+class FlashAttnProcessor(_DiffusersNpuAttnProcessor):
+    """Fused attention kernel of the device (see module docstring)."""
+
+    mode = "flash"
+
+    def _attend(self, attn, q, k, v, mask):
+        return self._run_flash(attn, q, k, v, mask)
+
+
+class UpcastAttnProcessor(_DiffusersNpuAttnProcessor):
+    """Scores and softmax in fp32 (autocast off), output in the input dtype."""
+
+    mode = "upcast"
+
+    def _attend(self, attn, q, k, v, mask):
+        return self._run_upcast(attn, q, k, v, mask)
+
+
+class AutoAttnProcessor(_DiffusersNpuAttnProcessor):
+    """Decides per call: flash on NPU fp16/bf16 and CUDA; upcast for other fp16/bf16; else stock SDPA."""
+
+    mode = "auto"
+
+    def _attend(self, attn, q, k, v, mask):
+        kind = _device.tensor_device_type(q)
+        half = q.dtype in _HALF_DTYPES
+        if (kind == "npu" and half) or kind == "cuda":
+            return self._run_flash(attn, q, k, v, mask)
+        if half:
+            return self._run_upcast(attn, q, k, v, mask)
+        return self._run_sdpa(attn, q, k, v, mask)
+
+
+_PROCESSOR_CLASSES = {"flash": FlashAttnProcessor, "upcast": UpcastAttnProcessor, "auto": AutoAttnProcessor}
+
+
+def stock_processor(attn: Attention):
+    """The processor diffusers' ``Attention.__init__`` would pick for this module."""
+    # AttnProcessor2_0 uses SDPA's default scale 1/sqrt(head_dim), so diffusers only uses it when
+    # scale_qk is on; the classic processor honours attn.scale.
+    return AttnProcessor2_0() if attn.scale_qk else AttnProcessor()
+
+
+def _skip_reason(attn: Attention) -> Optional[str]:
+    """Why our processors cannot serve this module (None = they can)."""
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        return "added KV projections (AddedKV / joint attention)"
+    if attn.to_k is None or attn.to_v is None or attn.to_out is None:
+        return "no to_k/to_v/to_out projections"
+    if getattr(attn, "inner_kv_dim", attn.inner_dim) != attn.inner_dim:
+        return "grouped-query attention (kv_heads != heads)"
+    if getattr(attn, "is_causal", False):
+        return "causal attention"
+    if isinstance(attn.processor, nn.Module):
+        # IP-Adapter / custom-diffusion processors carry trained weights; replacing them would drop those.
+        return f"processor {type(attn.processor).__name__} holds weights"
+    return None
+
+
+def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
+    """Install the attention implementation ``mode`` on every diffusers ``Attention`` in ``model``.
+
+    Args:
+        model: any ``nn.Module`` (UNet2DConditionModel, ControlNetModel, AutoencoderKL, a single
+            ``Attention``...). Modules our processors cannot serve (added-KV / joint attention, GQA,
+            causal, processors holding weights) keep their processor; this is logged.
+        mode: one of ``"auto"``, ``"flash"``, ``"upcast"``, ``"default"`` (case-insensitive).
+
+    Returns:
+        ``model`` itself, for chaining.
+    """
+    key = str(mode).strip().lower() if mode is not None else "auto"
+    if key not in ATTENTION_MODES:
+        raise ValueError(f"Unknown attention mode {mode!r}; expected one of {', '.join(ATTENTION_MODES)}.")
+    shared = _PROCESSOR_CLASSES[key]() if key != "default" else None
+    changed, skipped = 0, Counter()
+    for module in model.modules():
+        if not isinstance(module, Attention):
+            continue
+        reason = _skip_reason(module)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        module.set_processor(shared if shared is not None else stock_processor(module))
+        changed += 1
+    if changed == 0 and not skipped:
+        _warn_once(f"noattn-{type(model).__name__}", f"set_attention: {type(model).__name__} has no diffusers Attention modules.")
+    for reason, count in skipped.items():
+        logger.info("set_attention(%s): kept the processor of %d module(s): %s", key, count, reason)
+    logger.info("set_attention(%s): %d attention module(s) updated", key, changed)
+    return model
+
+
+def attention_mode_summary(model: nn.Module) -> Dict[str, int]:
+    """Processor class name -> number of diffusers ``Attention`` modules using it."""
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            counts[type(module.processor).__name__] += 1
+    return dict(counts)
+
+
+__all__ = [
+    "ATTENTION_MODES",
+    "AutoAttnProcessor",
+    "FlashAttnProcessor",
+    "UpcastAttnProcessor",
+    "attention_mode_summary",
+    "npu_bool_mask",
+    "set_attention",
+    "stock_processor",
+]

@@ -1,0 +1,317 @@
+"""Optimizers track float64 torch AdamW; clipping sees unscaled gradients; NPU paths via the fake."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_npu import optim as O
+from diffusers_npu.optim import build_optimizer, clip_grad_norm, optimizer_name_from_flags, zero_grad
+from fake_torch_npu import install
+
+LR, BETAS, EPS, WD, STEPS = 1e-2, (0.9, 0.99), 1e-8, 0.1, 20
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("DIFFUSERS_NPU_TEST_SEED") or secrets.randbelow(2**31))
+    print(f"DIFFUSERS_NPU_TEST_SEED={s}")
+    torch.manual_seed(s)
+    return s
+
+
+def small_model():
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+def run_against_reference(opt_factory, seed, steps=STEPS):
+    """Step `opt_factory(params)` and float64 torch AdamW on identical random gradients."""
+    model = small_model()
+    ref_params = [p.detach().double().clone().requires_grad_(True) for p in model.parameters()]
+    ref_opt = torch.optim.AdamW(ref_params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    params = list(model.parameters())
+    initial = [p.detach().double().clone() for p in params]
+    opt = opt_factory(params)
+    for _ in range(steps):
+        for p, r in zip(params, ref_params):
+            g = torch.randn(p.shape, dtype=torch.float64)
+            r.grad = g.clone()
+            p.grad = g.to(p.dtype)
+        opt.step()
+        ref_opt.step()
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        err = rel(p.detach(), r.detach())
+        assert err < 1e-6, f"param {i}: relative error {err:.2e} vs float64 AdamW (seed {seed})"
+        # The parameters really moved, so agreeing with the reference means something.
+        assert rel(r.detach(), initial[i]) > 1e-2
+    return opt
+
+
+def factory(name):
+    return lambda params: build_optimizer(name, params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+
+
+# ------------------------------------------------------------------------------ tracking AdamW
+@pytest.mark.parametrize("name", ["adamw", "fused_adamw", "megatron_adamw"])
+def test_tracks_float64_adamw(name, seed):
+    opt = run_against_reference(factory(name), seed)
+    if name == "adamw":
+        assert type(opt) is torch.optim.AdamW and opt.defaults["foreach"] is True
+    elif name == "fused_adamw":
+        assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True  # CPU fused kernel (torch>=2.4)
+    else:
+        assert type(opt) is O.MegatronAdamW
+
+
+def test_megatron_adamw_npu_kernel_tracks_reference(monkeypatch, seed):
+    fake = install(monkeypatch)
+    opt = run_against_reference(factory("megatron_adamw"), seed)
+    calls = fake.calls_named("npu_apply_adam_w")
+    n_params = len(opt.param_groups[0]["params"])
+    assert len(calls) == STEPS * n_params
+    first, second = calls[0], calls[n_params]
+    # Kernel convention: it multiplies the powers by beta itself, so step t passes beta**(t-1).
+    assert (first["beta1_power"], first["beta2_power"]) == (1.0, 1.0)
+    assert second["beta1_power"] == pytest.approx(BETAS[0]) and second["beta2_power"] == pytest.approx(BETAS[1])
+    assert (first["lr"], first["weight_decay"], first["beta1"], first["beta2"], first["eps"]) == (LR, WD, *BETAS, EPS)
+    assert (first["max_grad_norm"], first["amsgrad"], first["maximize"]) == (None, False, False)
+
+
+def test_fused_adamw_on_npu_builds_npu_fused(monkeypatch, seed):
+    fake = install(monkeypatch)
+    opt = run_against_reference(factory("fused_adamw"), seed)
+    assert type(opt).__name__ == "NpuFusedAdamW"
+    assert fake.calls_named("NpuFusedAdamW.__init__") == [
+        {"name": "NpuFusedAdamW.__init__", "lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WD, "amsgrad": False}
+    ]
+
+
+def test_npu_paths_follow_param_device_not_global(monkeypatch):
+    """torch_npu present, but these params are not NPU params: no NPU optimizer."""
+    fake = install(monkeypatch, pretend_npu=False)
+    opt = build_optimizer("fused_adamw", small_model().parameters(), lr=LR)
+    assert type(opt) is torch.optim.AdamW
+    m = small_model()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    build_optimizer("megatron_adamw", m.parameters(), lr=LR).step()
+    assert fake.calls == []
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_adamw_8bit_builds(seed):  # pragma: no cover - depends on the environment
+    opt = build_optimizer("adamw_8bit", small_model().parameters(), lr=LR)
+    assert "8bit" in type(opt).__name__
+
+
+def test_adamw_8bit_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        build_optimizer("adamw_8bit", small_model().parameters(), lr=LR)
+
+
+def test_unknown_optimizer_name():
+    with pytest.raises(ValueError, match="'sgd'.*adamw, fused_adamw, megatron_adamw, adamw_8bit"):
+        build_optimizer("sgd", small_model().parameters(), lr=LR)
+
+
+def test_fused_fallback_warns(monkeypatch):
+    real = O._torch_adamw
+
+    def no_fused(params, lr, betas, eps, wd, **impl):
+        if impl.get("fused"):
+            raise RuntimeError("fused not supported here")
+        return real(params, lr, betas, eps, wd, **impl)
+
+    monkeypatch.setattr(O, "_torch_adamw", no_fused)
+    with pytest.warns(UserWarning, match="fused AdamW is unavailable.*fused not supported here"):
+        opt = build_optimizer("fused_adamw", small_model().parameters(), lr=LR)
+    assert opt.defaults["foreach"] is True
+
+
+def test_param_groups_and_generators():
+    m = small_model()
+    groups = [{"params": (p for p in m[0].parameters()), "weight_decay": 0.0}, {"params": m[2].parameters()}]
+    opt = build_optimizer("megatron_adamw", groups, lr=LR)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[1]["weight_decay"] == 1e-2
+
+
+def test_megatron_state_dict_roundtrip(seed):
+    m = small_model()
+    opt = build_optimizer("megatron_adamw", m.parameters(), lr=LR)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt2 = build_optimizer("megatron_adamw", m.parameters(), lr=LR)
+    opt2.load_state_dict(opt.state_dict())
+    p0 = next(m.parameters())
+    assert opt2.state[p0]["step"] == 1 and torch.equal(opt2.state[p0]["exp_avg"], opt.state[p0]["exp_avg"])
+
+
+# ------------------------------------------------------------------------------- flags / zero_grad
+def test_optimizer_name_from_flags():
+    assert optimizer_name_from_flags(False, False) == "adamw"
+    assert optimizer_name_from_flags(True, False) == "megatron_adamw"
+    assert optimizer_name_from_flags(False, True) == "fused_adamw"
+    assert optimizer_name_from_flags(False, False, use_8bit_adam=True) == "adamw_8bit"
+    with pytest.raises(ValueError, match="mutually exclusive.*megatron_adamw \\+ fused_adamw"):
+        optimizer_name_from_flags(True, True)
+
+
+def test_zero_grad_with_npu_fused(monkeypatch):
+    fake = install(monkeypatch)
+    m = small_model()
+    opt = build_optimizer("fused_adamw", m.parameters(), lr=LR)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="set_to_none is not supported"):
+        opt.zero_grad(set_to_none=True)  # the fake behaves like the real one
+    zero_grad(opt)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    assert [c["set_to_none"] for c in fake.calls_named("NpuFusedAdamW.zero_grad")] == [True, False]
+
+
+def test_zero_grad_fallback_and_plain():
+    class Refuses(torch.optim.SGD):
+        def zero_grad(self, set_to_none=True):
+            if set_to_none:
+                raise RuntimeError("no set_to_none here")
+            super().zero_grad(set_to_none=False)
+
+    m = small_model()
+    for cls, expect_none in ((Refuses, False), (torch.optim.SGD, True)):
+        opt = cls(m.parameters(), lr=0.1)
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        zero_grad(opt)
+        assert all((p.grad is None) == expect_none for p in m.parameters()), cls
+
+
+# ------------------------------------------------------------------------------------ clipping
+KNOWN_NORM = 5.0
+
+
+def known_grad_setup(dtype_autocast=torch.float16):
+    """Linear(4->3, no bias) whose weight gradient is exactly known: dL/dW = ones(3,1) @ x.sum(0)."""
+    lin = nn.Linear(4, 3, bias=False)
+    # x.sum(0) = [1, 2, 2, 0]*a with a chosen so that ||grad|| = sqrt(3) * 3a = KNOWN_NORM.
+    a = KNOWN_NORM / (3 * 3**0.5)
+    x = torch.tensor([[1.0, 2.0, 2.0, 0.0]]) * a
+
+    def loss_fn():
+        with torch.autocast("cpu", dtype=dtype_autocast):
+            y = lin(x)
+        return y.float().sum()
+
+    return lin, loss_fn
+
+
+def grad_norm(params):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in params])))
+
+
+def test_clip_plain():
+    lin, loss_fn = known_grad_setup()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    loss_fn().backward()
+    norm = clip_grad_norm(opt, lin.parameters(), 1.0)
+    assert isinstance(norm, float) and norm == pytest.approx(KNOWN_NORM, rel=1e-3)
+    assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch_opt", "npu_fused"])
+def test_clip_with_gradscaler_sees_unscaled_grads(fused, monkeypatch):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    lin, loss_fn = known_grad_setup()
+    if fused:
+        fake = install(monkeypatch)
+    opt = build_optimizer("fused_adamw" if fused else "adamw", lin.parameters(), lr=1e-3)
+    scaler.scale(loss_fn()).backward()
+    assert grad_norm(lin.parameters()) == pytest.approx(KNOWN_NORM * 1024, rel=1e-3)  # really scaled
+
+    norm = clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler)
+    assert norm == pytest.approx(KNOWN_NORM, rel=1e-3), "clip measured scaled gradients"
+    assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
+    if fused:
+        (call,) = fake.calls_named("clip_grad_norm_fused_")
+        assert call["seen_norm"] == pytest.approx(KNOWN_NORM, rel=1e-3) and call["max_norm"] == 1.0
+    before = lin.weight.detach().clone()
+    scaler.step(opt)  # must not complain about a double unscale, and must take the step
+    scaler.update()
+    assert not torch.equal(before, lin.weight.detach())
+
+
+def test_the_original_port_bug_is_real(monkeypatch):
+    """Calling clip_grad_norm_fused_ directly under a scaler measures norm * scale (why we unscale)."""
+    fake = install(monkeypatch)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    lin, loss_fn = known_grad_setup()
+    opt = build_optimizer("fused_adamw", lin.parameters(), lr=1e-3)
+    scaler.scale(loss_fn()).backward()
+    opt.clip_grad_norm_fused_(1.0)
+    assert fake.calls_named("clip_grad_norm_fused_")[0]["seen_norm"] == pytest.approx(KNOWN_NORM * 1024, rel=1e-3)
+
+
+def test_clip_tolerates_prior_unscale():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    lin, loss_fn = known_grad_setup()
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-3)
+    scaler.scale(loss_fn()).backward()
+    scaler.unscale_(opt)
+    assert clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler) == pytest.approx(KNOWN_NORM, rel=1e-3)
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """accelerate's fp16 setup as on a GPU: Accelerator(mixed_precision='fp16') with a GradScaler.
+
+    On CPU accelerate builds no scaler (native_amp is False), so a CPU GradScaler is attached before
+    prepare(); everything after that -- backward(), clip_grad_norm_/unscale_gradients, the wrapped
+    optimizer's scaler.step -- is accelerate's own code path.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    acc = Accelerator(mixed_precision="fp16", cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    acc.native_amp = True
+    yield acc
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch_opt", "npu_fused"])
+def test_clip_with_accelerator_sees_unscaled_grads(fused, fp16_accelerator, monkeypatch):
+    acc = fp16_accelerator
+    lin, loss_fn = known_grad_setup()
+    if fused:
+        fake = install(monkeypatch)
+    opt = build_optimizer("fused_adamw" if fused else "adamw", lin.parameters(), lr=1e-3)
+    lin, opt = acc.prepare(lin, opt)
+    acc.backward(loss_fn())
+    assert grad_norm(lin.parameters()) == pytest.approx(KNOWN_NORM * 1024, rel=1e-3)
+
+    norm = clip_grad_norm(opt, lin.parameters(), 1.0, accelerator=acc)
+    assert norm == pytest.approx(KNOWN_NORM, rel=1e-3)
+    assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
+    if fused:
+        assert fake.calls_named("clip_grad_norm_fused_")[0]["seen_norm"] == pytest.approx(KNOWN_NORM, rel=1e-3)
+    before = next(lin.parameters()).detach().clone()
+    opt.step()
+    assert not torch.equal(before, next(lin.parameters()).detach())
+    zero_grad(opt)  # AcceleratedOptimizer-wrapped fused optimizer must not raise
+
+
+def test_clip_rejects_two_scalers(fp16_accelerator):
+    with pytest.raises(ValueError, match="either accelerator= or scaler="):
+        clip_grad_norm(None, [], 1.0, accelerator=fp16_accelerator, scaler=torch.amp.GradScaler("cpu"))

@@ -1,0 +1,236 @@
+"""The embedded default: a small Stable Diffusion and a captioned digits data set, made offline.
+
+Nothing here downloads anything. The data comes from scikit-learn's bundled handwritten digits
+(1,797 8x8 images); the model is the ``digits`` preset of :mod:`diffusers_npu.presets` with its VAE
+fitted on those digits. Both are deterministic functions of a seed and are written once into a cache folder
+(``$DIFFUSERS_NPU_HOME``, default ``~/.cache/diffusers_npu``), so the first run pays about a minute and
+later runs nothing. Reproduce by hand with::
+
+    diffusers-npu prepare-embedded            # or: python -m diffusers_npu.embedded
+
+The same module holds the *learning check*: a digits classifier fitted on the scikit-learn data reads images
+generated for ``a handwritten digit <word>`` and reports how often it agrees with the prompt's digit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+from .presets import DIGIT_WORDS
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_VERSION = 1  # bump when the recipe changes so stale caches are rebuilt
+RESOLUTION = 16
+
+
+def home() -> str:
+    return os.path.expanduser(os.environ.get("DIFFUSERS_NPU_HOME", "~/.cache/diffusers_npu"))
+
+
+def caption_for(label: int) -> str:
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+def digit_images(resolution: int = RESOLUTION):
+    """Return (images uint8 [N, H, W, 3], labels int [N]) from scikit-learn's digits, upscaled (nearest)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)  # ink is bright, as in the source
+    rep = resolution // 8
+    x = x.repeat(rep, axis=1).repeat(rep, axis=2)
+    return np.repeat(x[..., None], 3, axis=-1), d.target.astype(np.int64)
+
+
+def _atomic_folder(final: str):
+    """Context manager-ish helper: returns a temp folder next to ``final``; call ``_commit`` to move it."""
+    parent = os.path.dirname(os.path.abspath(final)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
+
+
+def _commit(tmp: str, final: str) -> None:
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_digits_dataset(folder: str, resolution: int = RESOLUTION) -> str:
+    """Write the captioned digits in the original port's pokemon layout:
+    ``data/train-0001.parquet`` + ``data/dataset_infos.json`` + ``dataset_infos.json`` (+ README.MD)."""
+    import io
+
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    images, labels = digit_images(resolution)
+    rows = {"image": [], "text": [], "label": []}
+    for img, lab in zip(images, labels):
+        buf = io.BytesIO()
+        PILImage.fromarray(img).save(buf, format="PNG")
+        rows["image"].append({"bytes": buf.getvalue(), "path": None})
+        rows["text"].append(caption_for(lab))
+        rows["label"].append(int(lab))
+    features = Features({"image": Image(), "text": Value("string"), "label": Value("int64")})
+    ds = Dataset.from_dict(rows, features=features)
+    tmp = _atomic_folder(folder)
+    try:
+        os.makedirs(os.path.join(tmp, "data"))
+        ds.to_parquet(os.path.join(tmp, "data", "train-0001.parquet"))
+        infos = {"default": {"description": "scikit-learn handwritten digits, captioned 'a handwritten digit <word>'",
+                             "features": features.to_dict(), "splits": {"train": {"name": "train",
+                                                                                   "num_examples": len(ds)}}}}
+        for p in ("dataset_infos.json", os.path.join("data", "dataset_infos.json")):
+            with open(os.path.join(tmp, p), "w") as f:
+                json.dump(infos, f, indent=1)
+        with open(os.path.join(tmp, "README.MD"), "w") as f:
+            f.write("Handwritten digits from scikit-learn (8x8, upscaled to %d px), captioned "
+                    "'a handwritten digit <word>'. Made by diffusers_npu.embedded.\n" % resolution)
+        _commit(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def fit_vae(vae, resolution: int = RESOLUTION, steps: int = 600, batch_size: int = 64, seed: int = 0,
+            kl_weight: float = 1e-6, progress: bool = True):
+    """Fit the (f=2) VAE on the digits: MSE reconstruction + a small KL term. Returns the fitted VAE with
+    ``scaling_factor`` set to 1/std of its latents, as SD does."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    images, _ = digit_images(resolution)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    vae.train()
+    bar = tqdm(range(steps), desc="fitting embedded VAE", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = post.kl().mean()
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    logger.info("embedded VAE fitted: final mse %.4f, scaling_factor %.4f", mse.item(), scale)
+    return vae, float(mse.item()), float(np.float32(scale))
+
+
+def prepare(force: bool = False, progress: bool = True) -> dict:
+    """Make (once) and return the paths of the embedded model and data set."""
+    root = os.path.join(home(), f"embedded-v{EMBEDDED_VERSION}")
+    model_dir = os.path.join(root, "digits-sd")
+    data_dir = os.path.join(root, "digits-dataset")
+    if force or not os.path.exists(os.path.join(data_dir, "data", "train-0001.parquet")):
+        write_digits_dataset(data_dir)
+    if force or not os.path.exists(os.path.join(model_dir, "model_index.json")):
+        import torch
+
+        from .presets import build_components, save_pipeline_folder
+
+        threads = torch.get_num_threads()
+        tmp = _atomic_folder(model_dir)
+        try:
+            comps = build_components("digits", seed=0, tokenizer_dir=os.path.join(tmp, "_tok"))
+            fit_vae(comps["vae"], progress=progress)
+            save_pipeline_folder(comps, tmp)
+            shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
+            with open(os.path.join(tmp, "EMBEDDED.json"), "w") as f:
+                json.dump({"recipe": "diffusers_npu.embedded.prepare", "version": EMBEDDED_VERSION,
+                           "preset": "digits", "seed": 0, "torch_threads": threads}, f, indent=1)
+            _commit(tmp, model_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return {"model": model_dir, "dataset": data_dir}
+
+
+# ------------------------------------------------------------------------------------------------ learning check
+
+def fit_digit_classifier():
+    """A classifier over 8x8 digit images (values 0..16), fitted on all of scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    d = load_digits()
+    clf = SVC(gamma=0.001, C=10.0)
+    clf.fit(d.data, d.target)
+    return clf
+
+
+def images_to_digit_features(images):
+    """Map generated images (float [N,H,W,C] in 0..1, or PIL list) to the classifier's 8x8 0..16 features."""
+    import numpy as np
+
+    arr = np.asarray([np.asarray(im, dtype=np.float32) / (255.0 if not isinstance(im, np.ndarray) else 1.0)
+                      for im in images]) if isinstance(images, list) else np.asarray(images, dtype=np.float32)
+    if arr.ndim == 4:
+        arr = arr.mean(axis=-1)
+    n, h, w = arr.shape
+    # Area-average down to 8x8: the exact inverse of the nearest-neighbour upscaling used for training data.
+    arr = arr.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))
+    return (arr.clip(0, 1) * 16.0).reshape(n, 64)
+
+
+def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None = None,
+                   num_inference_steps: int | None = None, seed: int = 1234, batch_size: int = 50,
+                   progress: bool = True) -> dict:
+    """Generate ``per_digit`` images for each ``a handwritten digit <word>`` prompt and report how often a
+    digits classifier agrees with the prompt. ``None`` keeps the pipeline's own defaults."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    clf = fit_digit_classifier()
+    prompts, targets = [], []
+    for digit in range(10):
+        prompts += [caption_for(digit)] * per_digit
+        targets += [digit] * per_digit
+    kwargs = {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if num_inference_steps is not None:
+        kwargs["num_inference_steps"] = num_inference_steps
+    res = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    preds = []
+    was_disabled = getattr(pipeline, "_progress_bar_config", {}).get("disable", False)
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc="learning check", disable=not progress):
+            g = torch.Generator("cpu").manual_seed(seed + i)
+            out = pipeline(prompts[i:i + batch_size], height=res, width=res, generator=g, output_type="np",
+                           **kwargs)
+            preds.extend(fit_pred for fit_pred in clf.predict(images_to_digit_features(out.images)))
+    finally:
+        pipeline.set_progress_bar_config(disable=was_disabled)
+    preds = np.asarray(preds)
+    targets = np.asarray(targets)
+    per = {DIGIT_WORDS[d]: float((preds[targets == d] == d).mean()) for d in range(10)}
+    return {"agreement": float((preds == targets).mean()), "per_digit": per, "images": int(len(preds)),
+            "guidance_scale": kwargs.get("guidance_scale", "pipeline default"),
+            "num_inference_steps": kwargs.get("num_inference_steps", "pipeline default")}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(prepare(force=True), indent=1))

@@ -1,0 +1,268 @@
+"""Model architectures built from configs (random weights, no downloads).
+
+Presets:
+  tiny      -- a few-MB Stable Diffusion for tests and CPU smoke runs
+  digits    -- the embedded default model (see :mod:`diffusers_npu.embedded`): 16 px images,
+               an f=2 VAE, a wide-ish UNet and a whole-word CLIP tokenizer
+  sd15      -- the SD 1.5 architecture (UNet 860M, CLIP ViT-L text encoder)
+  sd21-base -- the SD 2.1-base architecture (512 px, OpenCLIP-H text encoder, linear projections)
+  sd21      -- the SD 2.1 architecture (768 px, v-prediction)
+
+Every preset returns the same dict of components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+``noise_scheduler``) so tests, benchmarks and the embedded default share one builder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+PRESETS = ("tiny", "digits", "sd15", "sd21-base", "sd21")
+
+# The scheduler settings Stable Diffusion was trained with. DDPMScheduler's defaults (linear betas,
+# clip_sample=True) silently ruin latent-space sampling, so every preset uses these instead.
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+)
+
+# Words of the embedded digits captions; each becomes one whole-word token so that the prompt's digit is
+# a single, distinct embedding (byte-level tokens were too weak a signal to learn on a CPU budget).
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+EMBEDDED_WORDS = ("a", "handwritten", "digit", "photo", "of", "sks", "in", "the", "style", "picture") + DIGIT_WORDS
+
+
+@dataclass
+class Preset:
+    name: str
+    resolution: int
+    unet: dict
+    vae: dict
+    text: dict
+    tokenizer_max_length: int = 77
+    prediction_type: str = "epsilon"
+    vae_scaling_factor: float = 0.18215
+    extra_words: tuple = field(default_factory=tuple)
+
+
+def _sd_unet(block_out, cross_dim, head_dim, linear_proj=False, sample_size=64):
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=block_out,
+        layers_per_block=2,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=head_dim,
+        use_linear_projection=linear_proj,
+    )
+
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+
+
+def get_preset(name: str) -> Preset:
+    if name == "tiny":
+        return Preset(
+            name="tiny",
+            resolution=32,
+            unet=dict(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=16,
+            ),
+            vae=dict(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                block_out_channels=(16, 32),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=32,
+            ),
+            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+            tokenizer_max_length=16,
+            extra_words=EMBEDDED_WORDS,
+        )
+    if name == "digits":
+        return Preset(
+            name="digits",
+            resolution=16,
+            unet=dict(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(64, 128),
+                layers_per_block=1,
+                cross_attention_dim=64,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            ),
+            vae=dict(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=16,
+                sample_size=16,
+            ),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+            tokenizer_max_length=16,
+            extra_words=EMBEDDED_WORDS,
+        )
+    if name == "sd15":
+        return Preset(
+            name="sd15",
+            resolution=512,
+            unet=_sd_unet((320, 640, 1280, 1280), 768, 8),
+            vae=dict(_SD_VAE),
+            text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu", projection_dim=768),
+        )
+    if name in ("sd21-base", "sd21"):
+        return Preset(
+            name=name,
+            resolution=512 if name == "sd21-base" else 768,
+            unet=_sd_unet((320, 640, 1280, 1280), 1024, (5, 10, 20, 20), linear_proj=True,
+                          sample_size=64 if name == "sd21-base" else 96),
+            vae=dict(_SD_VAE, sample_size=768 if name == "sd21" else 512),
+            text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                      hidden_act="gelu", projection_dim=512),
+            prediction_type="epsilon" if name == "sd21-base" else "v_prediction",
+        )
+    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: a real CLIPTokenizer (so pipelines save/load it like any SD tokenizer), built from a vocabulary
+# we generate: every byte as a character token, and each word of ``words`` as a single whole-word token.
+
+def _byte_chars() -> list[str]:
+    # GPT-2/CLIP's reversible byte -> printable-unicode table, recomputed here (it is a fixed mapping).
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tokenizer_files(folder: str, words=EMBEDDED_WORDS, max_length: int = 16) -> None:
+    """Write vocab.json / merges.txt / tokenizer_config.json for a whole-word CLIP tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for c in _byte_chars():
+        vocab.setdefault(c, len(vocab))
+    for c in _byte_chars():
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        # Left-to-right chain merges: ((w0 w1) w2) ... (w[:-1] w[-1]</w>). Each chain only ever merges a
+        # prefix of its own word, so chains of different words never interfere.
+        if len(word) == 1:
+            continue
+        prefix = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            last = i == len(word) - 1
+            right = ch + "</w>" if last else ch
+            merged = prefix + right
+            line = f"{prefix} {right}"
+            if line not in merges:
+                merges.append(line)
+            vocab.setdefault(merged, len(vocab))
+            prefix = prefix + ch
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
+                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+
+
+def build_tokenizer(folder: str, words=EMBEDDED_WORDS, max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_files(folder, words, max_length)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+
+
+def build_components(name: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None,
+                     with_tokenizer: bool = True) -> dict:
+    """Instantiate a preset with random weights (seeded). Returns unet, vae, text_encoder, tokenizer,
+    noise_scheduler. Large presets skip the tokenizer unless a folder is given (vocab size comes from it)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    p = get_preset(name)
+    torch.manual_seed(seed)
+    tokenizer = None
+    vocab_size = 49408
+    if with_tokenizer and p.extra_words:
+        tokenizer = build_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="dnpu-tok-"), p.extra_words,
+                                    p.tokenizer_max_length)
+        vocab_size = len(tokenizer)
+    text_config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=p.tokenizer_max_length,
+                                 bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                                 **p.text)
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(**p.unet)
+    vae = AutoencoderKL(**p.vae, scaling_factor=p.vae_scaling_factor)
+    scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=p.prediction_type)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
+                preset=p)
+
+
+def save_pipeline_folder(components: dict, folder: str, inference_scheduler: str = "DDIMScheduler") -> str:
+    """Save components as a StableDiffusionPipeline folder (no safety checker) and return the folder."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    sched_cls = getattr(diffusers, inference_scheduler)
+    scheduler = sched_cls.from_config(components["noise_scheduler"].config, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

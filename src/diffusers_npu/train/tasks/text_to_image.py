@@ -1,0 +1,57 @@
+"""Text-to-image fine-tuning: the UNet learns to denoise latents of (image, caption) pairs."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...data import dataset as D
+from ...data.sources import load_source, resolve_columns
+from ..task import DiffusionTask
+
+
+class TextToImageTask(DiffusionTask):
+    name = "text_to_image"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.hf_dataset = None
+
+    def trainable_modules(self):
+        return {"unet": self.unet}
+
+    def load_data_source(self):
+        a = self.args
+        ds = load_source(a.dataset_name, a.local_data_dir, a.train_data_dir, a.dataset_config_name,
+                         cache_dir=None)
+        self.image_column, self.caption_column = resolve_columns(ds, a.image_column, a.caption_column)
+        if a.max_train_samples is not None:
+            ds = ds.select(range(min(a.max_train_samples, len(ds))))
+        self.hf_dataset = ds
+        return ds
+
+    def build_dataset(self):
+        a = self.args
+        ds = self.hf_dataset if self.hf_dataset is not None else self.load_data_source()
+        return D.ImageCaptionDataset(ds, self.image_column, self.caption_column, self.tokenizer, a.resolution,
+                                     center_crop=a.center_crop, random_flip=a.random_flip, seed=a.seed,
+                                     skip_bad_images=a.skip_bad_images, name="the training data",
+                                     proportion_empty_prompts=a.proportion_empty_prompts)
+
+    def cache_spec(self):
+        """What the trainer needs to build/load a latent cache for this task's data."""
+        return dict(hf_dataset=self.hf_dataset, image_column=self.image_column,
+                    caption_column=self.caption_column)
+
+    def compute_loss(self, batch, generator=None):
+        latents = self.latents_from_batch(batch)
+        states = self.text_embeddings(batch)
+        noisy, t, target = self.noisy_latents(latents)
+        pred = self.unet(noisy, t, states, return_dict=False)[0]
+        return self.diffusion_loss(pred, target, t), {}
+
+    def build_pipeline(self, unet):
+        return self.make_sd_pipeline(unet)
+
+    def save_final(self, folder, pipeline):
+        pipeline.save_pretrained(folder, safe_serialization=True)

@@ -30,6 +30,10 @@ from .inference import ArgumentParser, UsageError
 COMMANDS = [
     ("generate", "diffusers_npu.inference:configure_generate_parser",
      "Generate images: text-to-image, img2img, inpainting, textual-inversion, depth-to-image, unconditional."),
+    ("train", "diffusers_npu.train.cli:configure_parser",
+     "Fine-tune: text_to_image, dreambooth, textual_inversion, controlnet (same flags as examples/)."),
+    ("prepare-embedded", "diffusers_npu.train.cli:configure_prepare_parser",
+     "Build the embedded offline digits model and data set (done automatically on first use)."),
 ]
 
 

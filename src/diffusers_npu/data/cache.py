@@ -30,7 +30,7 @@ def _files_signature(folder: str) -> list:
             for f in sorted(files):
                 p = os.path.join(root, f)
                 st = os.stat(p)
-                sig.append([os.path.relpath(p, folder), st.st_size, int(st.st_mtime)])
+                sig.append([os.path.relpath(p, folder), st.st_size, st.st_mtime_ns])  # ns: a same-second rewrite counts
     return sig
 
 
@@ -154,4 +154,5 @@ class CachedDataset(torch.utils.data.Dataset):
             state = self.empty_state
         else:
             state = self.cache.text_states[self.cache.caption_ids[cap]]
-        return {"latent_moments": mom, "encoder_hidden_states": state, "index": index, "bad": 0, "caption": cap}
+        return {"latent_moments": mom, "encoder_hidden_states": state, "index": index, "epoch": epoch, "bad": 0,
+                "caption": cap}

@@ -94,7 +94,9 @@ def load_pil(value, where: str):
         img.load()
         return img.convert("RGB")
     except Exception as e:
-        raise DataError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        named = f" ({path})" if path else ""
+        raise DataError(f"cannot read image {where}{named}: {type(e).__name__}: {e}") from e
 
 
 def image_transform(img, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
@@ -168,7 +170,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         img = load_pil(row[self.image_column], f"row {index} of {self.name} (column {self.image_column!r})")
         rng = sample_rng(self.seed, epoch, index, "crop")
         pixels = image_transform(img, self.resolution, self.center_crop, self.flip_for(epoch, index), rng)
-        out = {"pixel_values": pixels, "index": index, "flipped": self.flip_for(epoch, index), "bad": 0}
+        out = {"pixel_values": pixels, "index": index, "epoch": epoch, "bad": 0}
         if self.caption_column is not None and self.tokenizer is not None:
             cap = self.caption(epoch, index, row)
             if self.p_empty and sample_rng(self.seed, epoch, index, "empty").random() < self.p_empty:
@@ -196,6 +198,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 def collate(examples):
     """Stack tensor fields present in the examples; keep captions as a list."""
     batch = {"index": torch.tensor([e["index"] for e in examples]),
+             "epoch": torch.tensor([e.get("epoch", 0) for e in examples]),
              "bad": torch.tensor([e.get("bad", 0) for e in examples])}
     for key, value in examples[0].items():
         if key in batch:

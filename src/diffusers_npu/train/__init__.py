@@ -109,7 +109,23 @@ def run(task_cls, argv=None):
     finalize_args(args, task_cls)
     task = task_cls(args)
     task.validate_args()
-    return Trainer(args, task).run()
+    existed = os.path.exists(args.output_dir)
+    try:
+        return Trainer(args, task).run()
+    except BaseException:
+        # Bad input found before anything worth keeping was written: leave no half-made output folder behind.
+        if not existed and _holds_nothing_of_value(args.output_dir):
+            import shutil
+
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        raise
+
+
+def _holds_nothing_of_value(folder: str) -> bool:
+    if not os.path.isdir(folder):
+        return False
+    names = set(os.listdir(folder))
+    return not any(n.startswith("checkpoint-") or n == "model_index.json" for n in names)
 
 
 def main(task_cls, argv=None) -> int:

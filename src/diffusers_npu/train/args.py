@@ -87,6 +87,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (0.1 is common)")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="fraction of captions replaced by '' (helps classifier-free guidance)")
+    g.add_argument("--per_sample_noise", action="store_true",
+                   help="draw each sample's noise/timestep from a generator seeded by (seed, epoch, index): results "
+                        "then do not depend on batch split, accumulation or number of processes (slightly slower)")
     g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay")
     g.add_argument("--max_grad_norm", type=float, default=None,

@@ -105,6 +105,10 @@ class Task:
     def build_pipeline(self, device, weight_dtype):
         raise NotImplementedError
 
+    def validation_kwargs(self, index: int, prompt: str) -> dict:
+        """Extra pipeline arguments for validation prompt ``index`` (e.g. a ControlNet's conditioning image)."""
+        return {}
+
     def save_final(self, folder: str, pipeline) -> None:
         raise NotImplementedError
 
@@ -145,13 +149,31 @@ class DiffusionTask(Task):
         dist = self.vae.encode(pixel_values.to(self.device, self.weight_dtype)).latent_dist
         return dist.sample() * self.vae.config.scaling_factor
 
-    def latents_from_batch(self, batch):
+    def _per_sample_generators(self, batch):
+        """With --per_sample_noise: one CPU generator per sample, seeded by (seed, epoch, index), so a sample's
+        noise, timestep and latent draw do not depend on batch composition, accumulation or world size."""
+        if not getattr(self.args, "per_sample_noise", False) or "epoch" not in batch:
+            return None
+        from ..data.dataset import sample_rng
+
+        return [torch.Generator().manual_seed(sample_rng(self.args.seed, int(e), int(i), "noise").getrandbits(63))
+                for e, i in zip(batch["epoch"].tolist(), batch["index"].tolist())]
+
+    def _randn(self, like, gens):
+        if gens is None:
+            return torch.randn_like(like)
+        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like.device, like.dtype)
+
+    def latents_from_batch(self, batch, gens=None):
         if "latent_moments" in batch:  # cached: sample from the stored posterior (mean, std)
             mom = batch["latent_moments"].to(self.device, non_blocking=True)
             mean, std = mom.chunk(2, dim=1)
-            return (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
+            return (mean + std * self._randn(std, gens)) * self.vae.config.scaling_factor
         with torch.no_grad():
-            return self.encode_images(batch["pixel_values"])
+            dist = self.vae.encode(batch["pixel_values"].to(self.device, self.weight_dtype)).latent_dist
+            if gens is None:
+                return dist.sample() * self.vae.config.scaling_factor
+            return (dist.mean + dist.std * self._randn(dist.std, gens)) * self.vae.config.scaling_factor
 
     def text_embeddings(self, batch):
         if "encoder_hidden_states" in batch:
@@ -159,13 +181,16 @@ class DiffusionTask(Task):
         with torch.no_grad():
             return self.text_encoder(batch["input_ids"].to(self.device, non_blocking=True))[0]
 
-    def noisy_latents(self, latents):
-        noise = torch.randn_like(latents)
+    def noisy_latents(self, latents, gens=None):
+        noise = self._randn(latents, gens)
         if self.args.noise_offset:
-            noise = noise + self.args.noise_offset * torch.randn(
-                latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device).long()
+            offset = self._randn(latents[:, :, :1, :1], gens)
+            noise = noise + self.args.noise_offset * offset
+        n_t = self.noise_scheduler.config.num_train_timesteps
+        if gens is None:
+            t = torch.randint(0, n_t, (latents.shape[0],), device=latents.device).long()
+        else:
+            t = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in gens]).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.noise_scheduler.config.prediction_type == "epsilon":
             target = noise

@@ -1,0 +1,39 @@
+"""Suite-wide settings: offline, one shared embedded-model home, repo paths.
+
+Everything runs offline: the hub and datasets libraries are told so, and every model and data set is made
+locally (presets / the embedded digits model and data set).
+"""
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Offline for real: any accidental hub access fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One embedded model/data set for the whole session (made once, ~1 minute), unless the caller shares one.
+if "DIFFUSERS_NPU_HOME" not in os.environ:
+    os.environ["DIFFUSERS_NPU_HOME"] = tempfile.mkdtemp(prefix="dnpu-test-home-")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running (minutes); still run in CI")
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def embedded_paths():
+    """{'model': folder, 'dataset': folder} of the embedded default, prepared once per session."""
+    from diffusers_npu import embedded
+
+    return embedded.prepare(progress=False)

@@ -2,11 +2,15 @@
 
 Nothing here downloads anything. The data comes from scikit-learn's bundled handwritten digits
 (1,797 8x8 images); the model is the ``digits`` preset of :mod:`diffusers_npu.presets` with its VAE
-fitted on those digits. Both are deterministic functions of a seed and are written once into a cache folder
-(``$DIFFUSERS_NPU_HOME``, default ``~/.cache/diffusers_npu``), so the first run pays about a minute and
-later runs nothing. Reproduce by hand with::
+fitted on those digits. Both are written once into a cache folder (``$DIFFUSERS_NPU_HOME``, default
+``~/.cache/diffusers_npu``).
 
-    diffusers-npu prepare-embedded            # or: python -m diffusers_npu.embedded
+The fitted VAE ships with the package (``assets/digits_vae.safetensors``, 2.6 MB) because fitting it takes
+about 5 minutes on 2 CPU cores; everything else (UNet, text encoder, tokenizer) is built from seed 0 at
+first use in seconds. Reproduce the shipped VAE (and refresh the asset) with::
+
+    python -m diffusers_npu.embedded --refit-vae --write-asset     # ~5 min on 2 cores; then commit the asset
+    diffusers-npu prepare-embedded --force                         # rebuild the cache from the asset
 
 The same module holds the *learning check*: a digits classifier fitted on the scikit-learn data reads images
 generated for ``a handwritten digit <word>`` and reports how often it agrees with the prompt's digit.
@@ -25,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_VERSION = 1  # bump when the recipe changes so stale caches are rebuilt
 RESOLUTION = 16
+ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+VAE_ASSET = os.path.join(ASSET_DIR, "digits_vae.safetensors")
 
 
 def home() -> str:
@@ -136,7 +142,33 @@ def fit_vae(vae, resolution: int = RESOLUTION, steps: int = 600, batch_size: int
     return vae, float(mse.item()), float(np.float32(scale))
 
 
-def prepare(force: bool = False, progress: bool = True) -> dict:
+def load_vae_asset(vae) -> bool:
+    """Load the shipped fitted VAE into ``vae`` (returns False when there is no asset)."""
+    if not os.path.isfile(VAE_ASSET):
+        return False
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(VAE_ASSET, "pt") as f:
+        meta = f.metadata() or {}
+    vae.load_state_dict(load_file(VAE_ASSET))
+    vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    return True
+
+
+def write_vae_asset(vae, mse: float) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(ASSET_DIR, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    save_file(sd, VAE_ASSET + ".tmp", metadata={"scaling_factor": repr(float(vae.config.scaling_factor)),
+                                                 "recipe": "diffusers_npu.embedded.fit_vae(steps=600, seed=0)",
+                                                 "final_mse": repr(mse)})
+    os.replace(VAE_ASSET + ".tmp", VAE_ASSET)
+    return VAE_ASSET
+
+
+def prepare(force: bool = False, progress: bool = True, refit_vae: bool = False, write_asset: bool = False) -> dict:
     """Make (once) and return the paths of the embedded model and data set."""
     root = os.path.join(home(), f"embedded-v{EMBEDDED_VERSION}")
     model_dir = os.path.join(root, "digits-sd")
@@ -152,12 +184,20 @@ def prepare(force: bool = False, progress: bool = True) -> dict:
         tmp = _atomic_folder(model_dir)
         try:
             comps = build_components("digits", seed=0, tokenizer_dir=os.path.join(tmp, "_tok"))
-            fit_vae(comps["vae"], progress=progress)
+            vae_from = "asset"
+            if refit_vae or not load_vae_asset(comps["vae"]):
+                logger.info("fitting the embedded VAE on the digits (about 5 minutes on 2 CPU cores)")
+                _, mse, _ = fit_vae(comps["vae"], progress=progress)
+                vae_from = f"fitted here (mse {mse:.4f})"
+                comps["final_mse"] = mse
             save_pipeline_folder(comps, tmp)
             shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
             with open(os.path.join(tmp, "EMBEDDED.json"), "w") as f:
                 json.dump({"recipe": "diffusers_npu.embedded.prepare", "version": EMBEDDED_VERSION,
-                           "preset": "digits", "seed": 0, "torch_threads": threads}, f, indent=1)
+                           "preset": "digits", "seed": 0, "torch_threads": threads, "vae": vae_from}, f,
+                          indent=1)
+            if refit_vae and write_asset:
+                write_vae_asset(comps["vae"], comps["final_mse"])
             _commit(tmp, model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,5 +272,11 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
 
 
 if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build the embedded digits model and data set into $DIFFUSERS_NPU_HOME")
+    p.add_argument("--refit-vae", action="store_true", help="fit the VAE here instead of loading the shipped one")
+    p.add_argument("--write-asset", action="store_true", help="with --refit-vae: overwrite the shipped VAE asset")
+    a = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(json.dumps(prepare(force=True), indent=1))
+    print(json.dumps(prepare(force=True, refit_vae=a.refit_vae, write_asset=a.write_asset), indent=1))

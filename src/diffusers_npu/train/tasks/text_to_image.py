@@ -8,9 +8,10 @@ import torch
 from ...data import dataset as D
 from ...data.sources import load_source, resolve_columns
 from ..task import DiffusionTask
+from .lora import LoraMixin
 
 
-class TextToImageTask(DiffusionTask):
+class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora_rank
     name = "text_to_image"
 
     def __init__(self, args):
@@ -54,4 +55,5 @@ class TextToImageTask(DiffusionTask):
         return self.make_sd_pipeline(unet)
 
     def save_final(self, folder, pipeline):
-        pipeline.save_pretrained(folder, safe_serialization=True)
+        if not self.save_lora(folder):  # --use_lora writes only pytorch_lora_weights.safetensors
+            pipeline.save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# textual inversion training on one device; embedded offline digits model by default.
+# Overrides: --key=value (see launch_common.sh and downstream_train.sh).
+exec bash "$(dirname "$0")/downstream_train.sh" textual_inversion 1 "$@"

@@ -330,9 +330,13 @@ def test_launch_scripts_plan_the_right_run(script):
     r = subprocess.run(["bash", "-n", os.path.join(REPO, "test", script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     if script == "train_full_8p_controlnet.sh":  # the 8p wrappers share one body; plan one (the 1p runs above)
-        env = dict(os.environ, ASCEND_DEVICE_ID="pytest-dry")
-        r = subprocess.run(["bash", os.path.join(REPO, "test", script), "--dry_run=1"], capture_output=True,
-                           text=True, timeout=300, env=env, cwd=REPO)
+        device_id = f"pytest-dry-{os.getpid()}"
+        env = dict(os.environ, ASCEND_DEVICE_ID=device_id)
+        try:
+            r = subprocess.run(["bash", os.path.join(REPO, "test", script), "--dry_run=1"], capture_output=True,
+                               text=True, timeout=300, env=env, cwd=REPO)
+        finally:
+            shutil.rmtree(os.path.join(REPO, "test", "output", device_id), ignore_errors=True)
         assert r.returncode == 0, r.stdout + r.stderr
         world = "8" if "_8p_" in script else "1"
         assert f"world={world}" in r.stdout

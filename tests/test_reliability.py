@@ -40,11 +40,22 @@ def weights(folder, name="unet/diffusion_pytorch_model.safetensors"):
     ["--cache_latents", "--random_flip", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2",
      "--max_train_samples", "24"],
 ], ids=["online-ema-workers-epochs", "cached-fp16-accum"])
-def test_resume_is_bit_identical(tmp_path, mode):
+def test_resume_is_bit_identical(tmp_path, mode, monkeypatch):
     straight = tmp_path / "straight"
     run(TextToImageTask, argv(straight, 7, *mode))
     split = tmp_path / "split"
-    run(TextToImageTask, argv(split, 3, *mode, "--checkpointing_steps", "3"))  # stop after step 3 (mid-epoch)
+    # The same 7-step run, interrupted by a real SIGTERM after step 3 (mid-epoch), then rerun with 'latest'.
+    calls = {"n": 0}
+
+    def interrupt_after_3(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(TextToImageTask, "after_optimizer_step", interrupt_after_3)
+        first = run(TextToImageTask, argv(split, 7, *mode, "--resume_from_checkpoint", "latest"))
+    assert first["exit_reason"] == "preempted" and first["steps"] == 3
     run(TextToImageTask, argv(split, 7, *mode, "--resume_from_checkpoint", "latest"))
     a, b = weights(straight), weights(split)
     assert a.keys() == b.keys()

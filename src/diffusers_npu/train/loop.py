@@ -154,13 +154,42 @@ class Trainer:
             self.ema = EMAModel([p for p in task.unet.parameters() if p.requires_grad], decay=a.ema_decay)
             self.ema.to(self.device)
 
-        # DDP wrapping (no-op for one process); the task keeps the unwrapped modules.
-        self.wrapped = {name: acc.prepare(m) for name, m in task.trainable_modules().items()}
+        # No DDP wrapper: tasks call their own (unwrapped) modules, sometimes only a slice of one (textual
+        # inversion's embedding rows), so gradients are averaged explicitly after the micro-batches instead
+        # (see _allreduce_grads). Same maths as DDP, one coalesced all-reduce per optimizer step.
+        if self.world > 1:
+            self._broadcast_params()
         if a.compile:
             self._compile()
         if self.is_main and a.report_to != "none":
             cfg = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers(f"diffusers_npu_{task.name}", config=cfg)
+
+    def _broadcast_params(self):
+        """Start every rank from rank 0's weights (a task may initialise something randomly)."""
+        import torch.distributed as dist
+
+        for p in self.params if hasattr(self, "params") else self.task.parameters():
+            dist.broadcast(p.data, src=0)
+
+    def _allreduce_grads(self):
+        """Average the gradients of the trainable parameters over all ranks, in one coalesced buffer."""
+        import torch.distributed as dist
+
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        for dtype in {g.dtype for g in grads}:
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat.div_(self.world)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _attention_targets(self):
         mods = {"unet": self.task.unet}
@@ -334,7 +363,6 @@ class Trainer:
         interval_start, interval_data = time.perf_counter(), 0.0
         interval_first = st.global_step + 1
         exit_reason = "completed"
-        unet_for_ddp = self.wrapped
         try:
             while st.global_step < a.max_train_steps:
                 # ---- one optimizer step = gradient_accumulation_steps micro-batches
@@ -345,17 +373,14 @@ class Trainer:
                     interval_data += time.perf_counter() - t0
                     st.position += 1
                     pending_bad.append(batch["bad"].sum())
-                    last = micro == a.gradient_accumulation_steps - 1
-                    sync_ctx = contextlib.ExitStack()
-                    if not last and self.world > 1:
-                        for m in unet_for_ddp.values():
-                            sync_ctx.enter_context(acc.no_sync(m))
-                    with sync_ctx, self._autocast():
+                    with self._autocast():
                         loss, _extras = task.compute_loss(batch)
                     scaled = loss / a.gradient_accumulation_steps
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                     step_losses.append(loss.detach().float())
                 step_loss = torch.stack(step_losses).mean()
+                if self.world > 1:
+                    self._allreduce_grads()
 
                 if a.max_bad_steps and self.scaler is None and not torch.isfinite(step_loss).item():
                     # Opt-in per-step check (a host sync): skip this update instead of stopping.
@@ -373,6 +398,8 @@ class Trainer:
 
                     clip_grad_norm(self.optimizer, self.params, a.max_grad_norm, scaler=self.scaler)
                 if self.scaler is not None:
+                    if not hasattr(self, "_last_scale"):
+                        self._last_scale = float(self.scaler.get_scale())
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     pending_scales.append(self.scaler._scale.detach().clone())
@@ -455,12 +482,15 @@ class Trainer:
         st = self.state
         if self.scaler is not None:
             # fp16: a non-finite scaled gradient made the GradScaler skip the step and halve the scale.
-            prev = None
+            # Compare with the scale before this interval too (kept across intervals).
+            prev = getattr(self, "_last_scale", None)
             for s in scales:
                 v = float(s)
                 if prev is not None and v < prev:
                     st.overflow_steps += 1
+                    logger.warning("fp16 overflow: the GradScaler skipped a step (scale now %g)", v)
                 prev = v
+            self._last_scale = prev
             return
         for s, l in zip(steps, losses):
             if not math.isfinite(l):

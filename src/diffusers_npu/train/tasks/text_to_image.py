@@ -11,6 +11,16 @@ from ..task import DiffusionTask
 from .lora import LoraMixin
 
 
+def undecoded_images(ds, column):
+    """Have ``datasets`` hand over raw image bytes/paths so that *we* decode them: a corrupt file then fails
+    in our code, with its row and file name, or is skipped by --skip_bad_images."""
+    from datasets import Image
+
+    if isinstance(ds.features.get(column), Image) and ds.features[column].decode:
+        ds = ds.cast_column(column, Image(decode=False))
+    return ds
+
+
 class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora_rank
     name = "text_to_image"
 
@@ -28,6 +38,7 @@ class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora
         self.image_column, self.caption_column = resolve_columns(ds, a.image_column, a.caption_column)
         if a.max_train_samples is not None:
             ds = ds.select(range(min(a.max_train_samples, len(ds))))
+        ds = undecoded_images(ds, self.image_column)
         self.hf_dataset = ds
         return ds
 
@@ -45,9 +56,10 @@ class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora
                     caption_column=self.caption_column)
 
     def compute_loss(self, batch, generator=None):
-        latents = self.latents_from_batch(batch)
+        gens = self._per_sample_generators(batch)
+        latents = self.latents_from_batch(batch, gens)
         states = self.text_embeddings(batch)
-        noisy, t, target = self.noisy_latents(latents)
+        noisy, t, target = self.noisy_latents(latents, gens)
         pred = self.unet(noisy, t, states, return_dict=False)[0]
         return self.diffusion_loss(pred, target, t), {}
 

@@ -56,6 +56,13 @@ _UPCAST_MAX_SCORE_BYTES = 256 * 1024 * 1024
 _warned: set = set()
 
 
+def _is_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:  # torch < 2.3
+        check = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
+    return bool(check())
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -183,6 +190,12 @@ class _DiffusersNpuAttnProcessor:
     def __repr__(self):
         return f"{type(self).__name__}()"
 
+    def _count(self, path: str) -> None:
+        # Not while torch.compile traces: a Python counter mutated inside the graph fails dynamo's guards on
+        # every call, so a compiled UNet would recompile at each step (then fall back to eager).
+        if not _is_compiling():
+            self.path_counts[path] += 1
+
     def __call__(
         self,
         attn: Attention,
@@ -243,11 +256,11 @@ class _DiffusersNpuAttnProcessor:
         raise NotImplementedError
 
     def _run_sdpa(self, attn, q, k, v, mask):
-        self.path_counts["sdpa"] += 1
+        self._count("sdpa")
         return _sdpa(q, k, v, mask, attn.scale)
 
     def _run_upcast(self, attn, q, k, v, mask):
-        self.path_counts["upcast_fp32"] += 1
+        self._count("upcast_fp32")
         return _upcast_attention(q, k, v, mask, attn.scale)
 
     def _run_flash(self, attn, q, k, v, mask):
@@ -266,7 +279,7 @@ class _DiffusersNpuAttnProcessor:
             except ValueError as exc:
                 _warn_once("npu_softmask", f"{exc}; using the fp32 attention path for such calls.")
                 return self._run_upcast(attn, q, k, v, mask)
-            self.path_counts["npu_fusion_attention"] += 1
+            self._count("npu_fusion_attention")
             return _npu_fusion_attention(attn, q, k, v, npu_mask)
         if kind == "cuda":
             try:
@@ -278,7 +291,7 @@ class _DiffusersNpuAttnProcessor:
                 if q.dtype in _HALF_DTYPES:
                     return self._run_upcast(attn, q, k, v, mask)
                 return self._run_sdpa(attn, q, k, v, mask)
-            self.path_counts["sdpa_fused_cuda"] += 1
+            self._count("sdpa_fused_cuda")
             return out
         return self._run_sdpa(attn, q, k, v, mask)
 

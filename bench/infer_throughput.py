@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Inference throughput: the plain diffusers Stable Diffusion pipeline versus the diffusers-npu fast path
+(flash attention, channels_last, torch.compile max-autotune with CUDA graphs on CUDA).
+
+    python bench/infer_throughput.py --preset tiny --device cpu --steps 5 --resolution 32   # CPU smoke run
+    python bench/infer_throughput.py --preset sd21-base --json out.json          # GPU: 512 px, 50 steps, batch 1 and 4
+
+All the logic is in :mod:`diffusers_npu.benchmark.infer`; ``--help`` lists the flags. Results: bench/RESULTS.md.
+"""
+import os
+import sys
+
+try:
+    import diffusers_npu  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from diffusers_npu.benchmark.infer import main
+
+if __name__ == "__main__":
+    main()

@@ -170,7 +170,7 @@ class DiffusionTask(Task):
             mean, std = mom.chunk(2, dim=1)
             return (mean + std * self._randn(std, gens)) * self.vae.config.scaling_factor
         with torch.no_grad():
-            dist = self.vae.encode(batch["pixel_values"].to(self.device, self.weight_dtype)).latent_dist
+            dist = self.vae.encode(batch["pixel_values"].to(self.device, self.weight_dtype, non_blocking=True)).latent_dist
             if gens is None:
                 return dist.sample() * self.vae.config.scaling_factor
             return (dist.mean + dist.std * self._randn(dist.std, gens)) * self.vae.config.scaling_factor

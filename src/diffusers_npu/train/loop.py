@@ -169,7 +169,7 @@ class Trainer:
         """Start every rank from rank 0's weights (a task may initialise something randomly)."""
         import torch.distributed as dist
 
-        for p in self.params if hasattr(self, "params") else self.task.parameters():
+        for p in self.params:
             dist.broadcast(p.data, src=0)
 
     def _allreduce_grads(self):
@@ -198,8 +198,7 @@ class Trainer:
 
     def _compile(self):
         # The compiled callable is only used in the forward; state dicts come from the original modules.
-        self.task.unet.forward = torch.compile(self.task.unet.forward, mode=self.args.compile_mode) \
-            if hasattr(self.args, "compile_mode") and self.args.compile_mode else torch.compile(self.task.unet.forward)
+        self.task.unet.forward = torch.compile(self.task.unet.forward)
 
     def _cached_dataset(self):
         from ..data.cache import CachedDataset, LatentCache
@@ -515,7 +514,7 @@ class Trainer:
         from diffusers.utils import make_image_grid
 
         pipe = self._pipeline_for_eval()
-        was_training = task_training = self.task.unet.training
+        was_training = self.task.unet.training
         self.task.unet.eval()
         images = []
         g = torch.Generator("cpu").manual_seed(a.seed)
@@ -543,7 +542,6 @@ class Trainer:
             self.task.vae.to("cpu")
             self.task.text_encoder.to("cpu")
         logger.info("validation images: %s", path)
-        del task_training
 
     # ------------------------------------------------------------------------------------------ final save
     def save_final(self) -> str | None:

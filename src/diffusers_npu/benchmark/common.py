@@ -171,5 +171,20 @@ def resolve_device(flag: str | None) -> str:
     return device
 
 
+def run_on_device(args, body):
+    """Resolve ``args.device`` and run ``body(args)`` with the harnesses' thread policy: 1 torch thread on CPU
+    unless ``--threads`` says otherwise (2 threads on a shared 2-core machine were 4-5x slower and erratic).
+    The caller's thread count is restored afterwards."""
+    old_threads = torch.get_num_threads()
+    args.device = resolve_device(args.device)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return body(args)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

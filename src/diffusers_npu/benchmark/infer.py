@@ -144,16 +144,7 @@ def measure(pipe, device: str, batch: int, resolution: int, steps: int, warmup_s
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    old_threads = torch.get_num_threads()
-    args.device = common.resolve_device(args.device)
-    threads = args.threads or (1 if args.device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(old_threads)
+    return common.run_on_device(build_parser().parse_args(argv), _main)
 
 
 def _main(a) -> dict:

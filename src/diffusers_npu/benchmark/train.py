@@ -541,16 +541,7 @@ def resolve_args(args) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Run the benchmark; print the table; return (and with ``--json`` write) the results dict."""
-    args = build_parser().parse_args(argv)
-    old_threads = torch.get_num_threads()
-    args.device = common.resolve_device(args.device)
-    threads = args.threads or (1 if args.device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _main(resolve_args(args))
-    finally:
-        torch.set_num_threads(old_threads)
+    return common.run_on_device(build_parser().parse_args(argv), lambda a: _main(resolve_args(a)))
 
 
 def _main(a) -> dict:

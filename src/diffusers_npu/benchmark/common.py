@@ -186,5 +186,15 @@ def run_on_device(args, body):
         torch.set_num_threads(old_threads)
 
 
+def publish(result: dict, table: str, json_path: str | None) -> dict:
+    """Print the table, keep it in the result, and write the result to ``json_path`` when given."""
+    print(table, flush=True)
+    result["table"] = table
+    if json_path:
+        write_json(json_path, result)
+        print(f"wrote {json_path}", flush=True)
+    return result
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

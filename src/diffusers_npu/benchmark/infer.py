@@ -203,13 +203,7 @@ def _main(a) -> dict:
                                                   env))
 
     result = _result(a, rows, resolution, batches, dtype_name, compile_unet, device, env)
-    table = format_results(result)
-    print(table, flush=True)
-    result["table"] = table
-    if a.json:
-        common.write_json(a.json, result)
-        print(f"wrote {a.json}", flush=True)
-    return result
+    return common.publish(result, format_results(result), a.json)
 
 
 def _result(a, rows, resolution, batches, dtype_name, compile_unet, device, env) -> dict:

@@ -595,13 +595,7 @@ def _main(a) -> dict:
         b.close()
 
     result = _result(a, b, rows)
-    table = format_results(result)
-    print(table, flush=True)
-    result["table"] = table
-    if a.json:
-        common.write_json(a.json, result)
-        print(f"wrote {a.json}", flush=True)
-    return result
+    return common.publish(result, format_results(result), a.json)
 
 
 def _result(a, b: Bench, rows: list) -> dict:

@@ -5,35 +5,41 @@ Sub-commands are listed in :data:`COMMANDS`. Adding one is one line there::
     ("train", "diffusers_npu.train.cli:configure_parser", "Fine-tune a model."),
 
 The ``"module:function"`` target is imported only when that sub-command is used (so ``diffusers-npu
---help`` and the other commands stay fast). It is called with the sub-command's (empty)
-:class:`argparse.ArgumentParser`, adds its arguments, and registers the handler::
+--help`` and the other commands stay fast, and training never imports the inference package). It is called
+with the sub-command's (empty) parser, adds its arguments, and registers the handler::
 
     def configure_parser(parser):
         parser.add_argument("--config", required=True, help="...")
         parser.set_defaults(func=run)      # run(args) -> int exit status (None = 0)
 
-Handlers report user errors by raising :class:`diffusers_npu.inference.UsageError` (or its subclass
-``InputError``); :func:`main` prints ``error: <message>`` on stderr and returns 2, without a traceback.
-Argument-parsing errors take the same path (the parsers' ``error()`` raises ``UsageError``).
+Handlers report user errors by raising a :class:`diffusers_npu.errors.DiffusersNpuError`; :func:`main` prints
+``error: <message>`` on stderr and returns its exit code, without a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from importlib import import_module
 from typing import Optional, Sequence
 
 from . import __version__
-from .inference import ArgumentParser, UsageError
+from .cliutil import ArgumentParser, run_main
+from .errors import UsageError
 
 # (name, "module:function" that configures the sub-parser, one-line help)
 COMMANDS = [
-    ("generate", "diffusers_npu.inference:configure_generate_parser",
-     "Generate images: text-to-image, img2img, inpainting, textual-inversion, depth-to-image, unconditional."),
+    ("generate", "diffusers_npu.inference.cli:configure_generate_parser",
+     "Generate images: text-to-image, img2img, inpainting, textual-inversion, depth-to-image, unconditional, "
+     "controlnet (SD and SDXL)."),
     ("train", "diffusers_npu.train.cli:configure_parser",
-     "Fine-tune: text_to_image, dreambooth, textual_inversion, controlnet (same flags as examples/)."),
+     "Fine-tune a model with one training task (same flags as the scripts in examples/)."),
+    ("launch", "diffusers_npu.launch:configure_parser",
+     "Run a training task on 1 or N devices / nodes the ModelZoo way: log file, live progress line, "
+     "summary lines and CaseName.log."),
+    ("selfcheck", "diffusers_npu.selfcheck:configure_parser",
+     "Check this machine's device: attention, optimizers, clipping, fp16 scaling and short training runs "
+     "against float64 references; prints a table and writes JSON."),
     ("prepare-embedded", "diffusers_npu.train.cli:configure_prepare_parser",
-     "Build the embedded offline digits model and data set (done automatically on first use)."),
+     "Build the embedded offline digits models and data set (done automatically on first use)."),
 ]
 
 
@@ -42,7 +48,7 @@ def _load(target: str):
     return getattr(import_module(module), func)
 
 
-def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+def build_parser(argv: Optional[Sequence[str]] = None) -> ArgumentParser:
     """The top-level parser. Only the sub-command named in ``argv`` (if any) gets its arguments."""
     parser = ArgumentParser(
         prog="diffusers-npu",
@@ -50,11 +56,12 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
         epilog="Run 'diffusers-npu COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"diffusers-npu {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=ArgumentParser)
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, target, help_text in COMMANDS:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, prog=f"diffusers-npu {name}")
         if name == chosen:
             _load(target)(command)
     return parser
@@ -63,19 +70,15 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``diffusers-npu``; returns the exit status (2 for usage/input errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body():
         args = build_parser(argv).parse_args(argv)
         func = getattr(args, "func", None)
         if func is None:
             raise UsageError(f"command {args.command!r} is not available")
-        status = func(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
-    return 0 if status is None else int(status)
+        return func(args)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ...data import dataset as D
 from ...data.sources import DataError, load_source, resolve_columns
+from ..registry import LaunchProfile, register_task
 from ..task import DiffusionTask, ModelError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,18 @@ class ConditionedDataset(torch.utils.data.Dataset):
         return ex
 
 
+@register_task
 class ControlNetTask(DiffusionTask):
     name = "controlnet"
+    description = "ControlNet: train a copy of the UNet encoder that steers the frozen UNet with a conditioning image."
+    example = "examples/controlnet/train_controlnet.py"
+    launch = LaunchProfile(
+        network="StableDiffusion_controlnet",
+        embedded={"train_batch_size": 16, "max_train_steps": 500, "learning_rate": 1e-4, "lr_scheduler": "constant",
+                  "lr_warmup_steps": 0, "checkpointing_steps": 500},
+        pretrained={"resolution": 512, "train_batch_size": 4, "max_train_steps": 5000, "learning_rate": 1e-5,
+                    "lr_scheduler": "constant", "lr_warmup_steps": 0, "checkpointing_steps": 500,
+                    "dataloader_num_workers": 4})
     supports_cache = False  # the conditioning image is not part of the latent cache
     pipeline_class_name = "StableDiffusionControlNetPipeline"
 

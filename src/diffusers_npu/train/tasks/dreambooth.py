@@ -20,6 +20,7 @@ import torch
 
 from ...data import dataset as D
 from ...data.sources import DataError, load_source, resolve_columns
+from ..registry import LaunchProfile, register_task
 from ..task import DiffusionTask
 from .lora import LoraMixin
 
@@ -140,8 +141,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------- task
+@register_task
 class DreamBoothTask(LoraMixin, DiffusionTask):
     name = "dreambooth"
+    description = "DreamBooth: teach the model a subject from a few images bound to a rare identifier."
+    example = "examples/dreambooth/train_dreambooth.py"
+    launch = LaunchProfile(
+        network="StableDiffusion_dreambooth",
+        embedded={"train_batch_size": 4, "max_train_steps": 400, "learning_rate": 5e-5, "lr_scheduler": "constant",
+                  "lr_warmup_steps": 0, "with_prior_preservation": True, "prior_loss_weight": 1.0,
+                  "checkpointing_steps": 200, "num_class_images": 50, "class_inference_steps": 20},
+        pretrained={"resolution": 512, "train_batch_size": 1, "max_train_steps": 800, "learning_rate": 5e-6,
+                    "lr_scheduler": "constant", "lr_warmup_steps": 0, "with_prior_preservation": True,
+                    "prior_loss_weight": 1.0, "checkpointing_steps": 200, "num_class_images": 200,
+                    "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"})
     supports_cache = False  # a handful of images; the cache is keyed on a data set
 
     @staticmethod

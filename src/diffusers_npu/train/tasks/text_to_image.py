@@ -7,6 +7,7 @@ import torch
 
 from ...data import dataset as D
 from ...data.sources import load_source, resolve_columns
+from ..registry import LaunchProfile, register_task
 from ..task import DiffusionTask
 from .lora import LoraMixin
 
@@ -21,8 +22,17 @@ def undecoded_images(ds, column):
     return ds
 
 
+@register_task
 class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora_rank
     name = "text_to_image"
+    description = "Fine-tune a Stable Diffusion UNet (or LoRA adapters with --use_lora) on image-caption pairs."
+    example = "examples/text_to_image/train_text_to_image.py"
+    launch = LaunchProfile(
+        network="StableDiffusion_text_to_image", learning_check=True,
+        embedded={"config": "examples/text_to_image/configs/embedded_digits.yaml"},
+        pretrained={"resolution": 512, "max_train_steps": 15000, "train_batch_size": 1, "center_crop": True,
+                    "random_flip": True, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                    "learning_rate": 1e-05, "checkpointing_steps": 5000, "dataloader_num_workers": 4})
 
     def __init__(self, args):
         super().__init__(args)

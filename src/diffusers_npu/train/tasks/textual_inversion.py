@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..registry import LaunchProfile, register_task
 from ..task import DiffusionTask, load_component
 from .dreambooth import add_source_label_argument, images_from_source, list_images, load_image_tensor
 
@@ -53,8 +54,19 @@ class TextualInversionDataset(torch.utils.data.Dataset):
                 "bad": 0}
 
 
+@register_task
 class TextualInversionTask(DiffusionTask):
     name = "textual_inversion"
+    description = "Textual inversion: learn the embedding of a new token for a concept from a few images."
+    example = "examples/textual_inversion/textual_inversion.py"
+    launch = LaunchProfile(
+        network="StableDiffusion_textual_inversion",
+        embedded={"train_batch_size": 8, "max_train_steps": 500, "learning_rate": 5e-3, "lr_scheduler": "constant",
+                  "lr_warmup_steps": 0, "checkpointing_steps": 500},
+        pretrained={"resolution": 512, "train_batch_size": 1, "max_train_steps": 3000, "learning_rate": 5e-4,
+                    "lr_scheduler": "constant", "lr_warmup_steps": 0, "checkpointing_steps": 500,
+                    "gradient_accumulation_steps": 4, "scale_lr": True, "placeholder_token": "<cat-toy>",
+                    "initializer_token": "toy"})
     supports_cache = False
 
     @staticmethod

@@ -1,0 +1,149 @@
+"""The one model-folder check, shared by training (``--pretrained_model_name_or_path``) and inference
+(``--model``).
+
+* :func:`looks_local` -- can this only be a local path (a Hub id is ``name`` or ``owner/name``)?
+* :func:`read_model_index` / :func:`check_pipeline_folder` -- a local diffusers pipeline folder: it exists, has
+  ``model_index.json``, and every component that index lists (or that the caller needs) is a folder there.
+* :func:`hub_error` -- turn a failed Hub access into one line that says what to do offline ("pass a local
+  folder with --model"), instead of the libraries' five retries and "does not appear to have a file named
+  model_index.json".
+* :func:`base_model_of` -- the base model recorded in a training output (LoRA, textual inversion,
+  ControlNet), so ``generate`` can find it when ``--model`` is omitted.
+
+Only the standard library is imported here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from typing import Iterable, Optional
+
+from .errors import InputError, ModelError
+
+#: File every training output that is not a full pipeline writes beside its weights (see base_model_of).
+TRAINING_INFO_NAME = "training_info.json"
+
+_NETWORK_WORDS = ("connection", "connect", "resolve", "network", "offline", "timed out", "timeout",
+                  "max retries", "name or service", "temporary failure", "unreachable", "localentrynotfound",
+                  "cannot find the requested files in the disk cache", "outgoing traffic has been disabled")
+
+
+def looks_local(path: str) -> bool:
+    """True for things that can only be a local path: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``, or an
+    existing file system entry."""
+    path = str(path)
+    return (
+        os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+        or bool(re.match(r"^[A-Za-z]:", path))
+    )
+
+
+def read_model_index(folder: str, flag: str) -> dict:
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isdir(folder):
+        raise ModelError(f"{flag}: {folder} does not exist (expected a diffusers pipeline folder with "
+                         f"model_index.json)")
+    if not os.path.isfile(index_path):
+        raise ModelError(f"{flag}: {folder} has no model_index.json (expected a diffusers pipeline folder "
+                         f"written by save_pretrained)")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{flag}: {index_path} is not valid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{flag}: {index_path} must hold a JSON object")
+    return index
+
+
+def check_pipeline_folder(folder: str, flag: str, need: Iterable[str] = (), optional: Iterable[str] = (),
+                          class_names: Optional[dict] = None) -> dict:
+    """Check a local pipeline folder and return its ``model_index.json``.
+
+    ``need``: components that must be present (a folder each), whatever the index says. Components the
+    index lists with a class are required too, except those in ``optional`` (e.g. a safety checker the run
+    replaces). ``class_names`` maps a component to the class named in the message (``unet`` ->
+    ``UNet2DConditionModel``). Raises :class:`ModelError` naming ``flag``.
+    """
+    index = read_model_index(folder, flag)
+    optional = set(optional)
+    names = class_names or {}
+    listed = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, (list, tuple))
+              and len(v) == 2 and v[0] is not None and n not in optional]
+    for name in list(need) + [n for n in listed if n not in need]:
+        if not os.path.isdir(os.path.join(folder, name)):
+            why = "model_index.json lists it" if name in listed else f"component {names.get(name, name)} is needed"
+            hint = " (pass --disable_safety_checker to run without it)" if name == "safety_checker" else ""
+            raise ModelError(f"{flag}: {folder} has no '{name}' folder ({why}){hint}")
+    return index
+
+
+def hub_is_reachable(timeout: float = 1.5) -> bool:
+    """A quick, honest probe: can this machine open a connection to the Hub? False when offline mode is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/", 1)[0].split(":", 1)[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def looks_like_network_error(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = f"{type(exc).__name__} {exc}".lower()
+        if isinstance(exc, (ConnectionError, socket.timeout, TimeoutError)) or any(w in text for w in _NETWORK_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def hub_error(repo_id: str, flag: str, exc: Optional[BaseException] = None, what: str = "model"):
+    """The error to raise when ``repo_id`` (not a local folder) could not be loaded from the Hub."""
+    offline = exc is None or looks_like_network_error(exc) or not hub_is_reachable()
+    if offline:
+        return ModelError(f"{flag}: {repo_id!r} is not a local folder and the Hugging Face Hub cannot be reached "
+                          f"(no network, or HF_HUB_OFFLINE is set); pass a local {what} folder with {flag}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"{flag}: could not load {repo_id!r} from the Hugging Face Hub: {first}")
+
+
+def base_model_of(folder: str) -> Optional[str]:
+    """The base model a training output was trained on, if the output records it (``training_info.json``
+    with ``base_model``, or the older ``lora_info.json``); None otherwise."""
+    for name in (TRAINING_INFO_NAME, "lora_info.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    base = json.load(f).get("base_model")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if base:
+                return str(base)
+    return None
+
+
+def require_existing(path: str, flag: str, kind: str = "file") -> str:
+    if not os.path.exists(path):
+        raise InputError(f"{flag}: {path} does not exist (expected a {kind})")
+    return path
+
+
+__all__ = [
+    "TRAINING_INFO_NAME",
+    "base_model_of",
+    "check_pipeline_folder",
+    "hub_error",
+    "hub_is_reachable",
+    "looks_like_network_error",
+    "looks_local",
+    "read_model_index",
+    "require_existing",
+]

@@ -8,15 +8,20 @@ Four sources, one result (a ``datasets.Dataset`` with an image column and a capt
 * ``--local_data_dir`` a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
                        read with ``load_from_disk``
 * ``--train_data_dir`` an image folder with ``metadata.jsonl`` (``file_name`` + caption), read with the
-                       ``imagefolder`` builder
+                       ``imagefolder`` builder; every ``metadata.jsonl`` is checked first (see
+                       :func:`check_metadata_jsonl`), because ``datasets`` reports an empty or mis-encoded one
+                       as an ``IndexError`` or a generation error that names neither the file nor the line
+
+:func:`load_training_data` is the one path from the data flags to rows: source, columns, ``--max_train_samples``
+and raw (undecoded) image columns, so every task reports bad data the same way.
 """
 from __future__ import annotations
 
+import json
 import os
+from typing import NamedTuple
 
-
-class DataError(ValueError):
-    """Bad training data: the message names the file, column or flag and what was expected."""
+from ..errors import DataError, UsageError
 
 
 def _pick_split(ds, what: str):
@@ -54,6 +59,7 @@ def load_source(dataset_name=None, local_data_dir=None, train_data_dir=None, dat
         if flag == "--train_data_dir":
             if not os.path.isdir(value):
                 raise DataError(f"--train_data_dir: {value} is not a folder (expected images + metadata.jsonl)")
+            check_metadata_jsonl(value)
             ds = load_dataset("imagefolder", data_dir=value, cache_dir=cache_dir)
             return _pick_split(ds, f"--train_data_dir {value}")
         # --dataset_name: a local path (folder or parquet/json/csv file) or a hub id.
@@ -69,6 +75,7 @@ def load_source(dataset_name=None, local_data_dir=None, train_data_dir=None, dat
                 from datasets import load_from_disk
 
                 return _pick_split(load_from_disk(value), f"--dataset_name {value}")
+            check_metadata_jsonl(value)  # a local image folder is read by the same imagefolder builder
             return _pick_split(load_dataset(value, dataset_config_name, cache_dir=cache_dir),
                                f"--dataset_name {value}")
         if value.startswith((".", "/", "~")) or os.sep in value.strip("/").split("/", 1)[-1]:
@@ -109,3 +116,91 @@ def resolve_columns(ds, image_column=None, caption_column=None, need_caption=Tru
             raise DataError(f"--caption_column: no column {caption_column!r}; the data set has columns: "
                             f"{', '.join(cols)}")
     return image_column, caption_column
+
+
+def check_metadata_jsonl(folder: str) -> int:
+    """Check every ``metadata.jsonl`` under ``folder`` as the ``imagefolder`` builder will read it: UTF-8
+    (a BOM is fine), at least one record, one JSON object per non-blank line whose ``file_name`` (or
+    ``<column>_file_name``, or a ``*file_names`` list) names files next to the metadata file. Returns the
+    number of records; a :class:`DataError` names the file and the line."""
+    total = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "metadata.jsonl" in files:
+            total += _check_one_metadata(os.path.join(root, "metadata.jsonl"))
+    return total
+
+
+def _check_one_metadata(path: str) -> int:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    records = 0
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {number}: not UTF-8 (byte 0x{line[e.start]:02x} at column "
+                            f"{e.start + 1}); save the file as UTF-8") from e
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        # The keys imagefolder reads images from: file_name, <column>_file_name, and their *_names lists.
+        refs = {k: v for k, v in record.items() if k.endswith(("file_name", "file_names"))} \
+            if isinstance(record, dict) else {}
+        if not refs:
+            raise DataError(f"{path}, line {number}: expected a JSON object with a \"file_name\" (or "
+                            f"\"<column>_file_name\") key, got {text.strip()[:80]}")
+        for key, value in refs.items():
+            for name in (value if isinstance(value, list) else [value]):
+                if not isinstance(name, str) or not os.path.isfile(os.path.join(os.path.dirname(path), name)):
+                    raise DataError(f"{path}, line {number}: {key} {name!r} does not exist in "
+                                    f"{os.path.dirname(path)}")
+        records += 1
+    if records == 0:
+        raise DataError(f"{path}, line 1: the file is empty (expected one JSON object per line, e.g. "
+                        f'{{"file_name": "0001.png", "text": "a caption"}})')
+    return records
+
+
+def check_max_train_samples(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UsageError(f"--max_train_samples must be a positive integer (got {value!r})")
+
+
+def select_rows(ds, max_train_samples):
+    """The first ``--max_train_samples`` rows (all when None)."""
+    check_max_train_samples(max_train_samples)
+    if max_train_samples is None:
+        return ds
+    return ds.select(range(min(max_train_samples, len(ds)))) if max_train_samples < len(ds) else ds
+
+
+class TrainingData(NamedTuple):
+    ds: object  # datasets.Dataset, image columns undecoded (raw bytes/paths)
+    image_column: str
+    caption_column: str | None
+
+
+def load_training_data(dataset_name=None, local_data_dir=None, train_data_dir=None, dataset_config_name=None,
+                       cache_dir=None, image_column=None, caption_column=None, max_train_samples=None,
+                       need_caption=True, image_columns=()) -> TrainingData:
+    """The rows a task trains on: :func:`load_source`, :func:`resolve_columns`, :func:`select_rows`, and the
+    image column plus ``image_columns`` (e.g. ControlNet's conditioning column) left undecoded so that *we*
+    decode them (a corrupt file is then a named DataError or skipped by --skip_bad_images)."""
+    from .dataset import undecoded
+
+    check_max_train_samples(max_train_samples)  # before any data is read
+    ds = load_source(dataset_name, local_data_dir, train_data_dir, dataset_config_name, cache_dir=cache_dir)
+    image_column, caption_column = resolve_columns(ds, image_column, caption_column, need_caption=need_caption)
+    ds = select_rows(ds, max_train_samples)
+    ds = undecoded(ds, [image_column, *image_columns])
+    return TrainingData(ds, image_column, caption_column)
+
+
+__all__ = ["DataError", "TrainingData", "check_max_train_samples", "check_metadata_jsonl", "load_source",
+           "load_training_data", "resolve_columns", "select_rows"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 EXIT_USAGE = 2
 EXIT_TRAINING = 3
+EXIT_LEARNING_CHECK = 4
 
 
 class DiffusersNpuError(Exception):
@@ -53,6 +54,12 @@ class TrainingError(DiffusersNpuError, RuntimeError):
     exit_code = EXIT_TRAINING
 
 
+class LearningCheckFailed(DiffusersNpuError):
+    """The trained embedded model did not reach --learning_check_min (the model is saved all the same)."""
+
+    exit_code = EXIT_LEARNING_CHECK
+
+
 def one_line(exc: BaseException) -> str:
     """The ``error: ...`` line an entry point prints for ``exc``."""
     text = str(exc).strip() or type(exc).__name__
@@ -60,6 +67,7 @@ def one_line(exc: BaseException) -> str:
 
 
 __all__ = [
+    "EXIT_LEARNING_CHECK",
     "EXIT_TRAINING",
     "EXIT_USAGE",
     "CheckpointError",
@@ -67,6 +75,7 @@ __all__ = [
     "DataError",
     "DiffusersNpuError",
     "InputError",
+    "LearningCheckFailed",
     "ModelError",
     "TrainingError",
     "UsageError",

@@ -1,184 +1,248 @@
 """Command-line flags shared by every training task.
 
-Flag names follow the upstream diffusers examples and the original Ascend port, so existing commands keep
-working. ``--config FILE`` (YAML or JSON, keys are flag names without dashes) sets defaults; the command line
-wins over the file.
+Flag names follow the upstream diffusers example scripts and the original Ascend port, so commands users
+already have keep working; each upstream flag has its upstream effect (or, where it cannot apply, says so
+in one line). A task adds its own flags (``Task.add_arguments``) and may change defaults
+(``Task.defaults``). ``--config FILE`` (YAML or JSON, keys are flag names) is read and validated by
+:mod:`diffusers_npu.train.config`; the command line wins over the file.
+
+Help texts state each effective default once; defaults that depend on the device or on the embedded model
+are resolved by :func:`diffusers_npu.train.config.resolve_defaults` and say so.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
+import math
+
+from ..cliutil import ArgumentParser
+
+DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
+OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
 
 
-class ConfigError(ValueError):
-    pass
+# ------------------------------------------------------------------------------------- value types
+def _number(kind, lo=None, hi=None, lo_open=False, what=None):
+    """An argparse type: a finite number of ``kind`` within [lo, hi] (or (lo, hi] with ``lo_open``)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what or ('an integer' if kind is int else 'a number')}, "
+                                             f"got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise argparse.ArgumentTypeError(f"expected {what or 'a value'} in {rng}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def _bool_flag(p, name, help):
-    p.add_argument(name, action="store_true", help=help)
+positive_int = _number(int, 1, what="an integer >= 1")
+nonneg_int = _number(int, 0, what="an integer >= 0")
+positive_float = _number(float, 0.0, lo_open=True, what="a number > 0")
+nonneg_float = _number(float, 0.0, what="a number >= 0")
+unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help="YAML/JSON file whose keys are flag names (without '--'); the command line wins")
+def resolution_type(text):
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 8, got {text!r}")
+    return value
+
+
+def _switch(group, name, help):
+    group.add_argument(name, action="store_true", help=help)
+
+
+# ------------------------------------------------------------------------------------- the flags
+def common_parser(prog: str, description: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file whose keys are flag names (without '--'); values are checked like "
+                        "command-line values, and the command line wins over the file")
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="diffusers pipeline folder or hub id; omit to use the embedded offline digits model")
-    g.add_argument("--revision", default=None, help="hub revision of the pretrained model")
-    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g.add_argument("--pretrained_model_name_or_path", default=None, metavar="FOLDER_OR_ID",
+                   help="diffusers pipeline folder (or Hub id, online only); default: the embedded offline "
+                        "digits model, made on first use")
+    g.add_argument("--revision", default=None, help="Hub revision of the pretrained model")
+    g.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    g.add_argument("--tokenizer_name", default=None, metavar="FOLDER_OR_ID",
+                   help="load the tokenizer from here instead of the model's 'tokenizer' folder")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                    help="training target; default: the scheduler's own setting")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
-                   help="hub id, or a local folder / parquet file read with datasets.load_dataset "
-                        "(the original's pokemon layout works); omit for the embedded digits data set")
+                   help="Hub id, or a local folder / parquet|json|csv file read with datasets.load_dataset (the "
+                        "original port's pokemon layout works); default: the embedded digits data set")
     g.add_argument("--dataset_config_name", default=None, help="config name of the data set")
-    g.add_argument("--local_data_dir", default=None,
+    g.add_argument("--local_data_dir", default=None, metavar="FOLDER",
                    help="a folder written by datasets' save_to_disk, read with load_from_disk")
-    g.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (imagefolder)")
+    g.add_argument("--train_data_dir", default=None, metavar="FOLDER",
+                   help="image folder with metadata.jsonl (file_name + caption), read as an imagefolder")
     g.add_argument("--image_column", default="image", help="column holding the images")
-    g.add_argument("--caption_column", default="text", help="column holding captions (string or list)")
-    g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N samples")
-    g.add_argument("--resolution", type=int, default=None,
-                   help="training resolution (divisible by 8); default 512, or 16 for the embedded model")
-    g.add_argument("--center_crop", action="store_true", help="center crop instead of a random crop")
-    g.add_argument("--random_flip", action="store_true", help="randomly flip images horizontally")
-    g.add_argument("--skip_bad_images", action="store_true",
-                   help="skip (and count) rows whose image cannot be decoded instead of stopping")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading worker processes")
-    _bool_flag(g, "--enable_pin_memory", "pin host memory in the DataLoader (faster host->device copies)")
-    _bool_flag(g, "--enable_persistent_workers", "keep DataLoader workers alive between epochs")
-    g.add_argument("--cache_latents", action="store_true",
-                   help="encode images (VAE) and captions (text encoder) once into an on-disk cache and "
-                        "train from it; the encoders then leave the device")
-    g.add_argument("--cache_dir", default=None,
-                   help="where the latent cache and data set cache live (default $DIFFUSERS_NPU_HOME/cache)")
+    g.add_argument("--caption_column", default="text",
+                   help="column holding captions (a string, or a list of strings: one is picked per sample)")
+    g.add_argument("--max_train_samples", type=positive_int, default=None, metavar="N",
+                   help="train on the first N samples only")
+    g.add_argument("--resolution", type=resolution_type, default=None, metavar="PX",
+                   help="training resolution, a multiple of 8; default 512, or 16 for the embedded model")
+    _switch(g, "--center_crop", "center crop instead of a random crop")
+    _switch(g, "--random_flip", "flip images horizontally at random (per sample and epoch)")
+    g.add_argument("--image_interpolation_mode", default="lanczos",
+                   choices=["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"],
+                   help="resampling filter used to resize images")
+    _switch(g, "--aspect_ratio_buckets",
+            "group images by aspect ratio into buckets of about resolution^2 pixels; each batch comes from one "
+            "bucket and is resized/cropped to it (no square crop of every image)")
+    g.add_argument("--bucket_max_ratio", type=_number(float, 1.0, what="a number >= 1"), default=2.0, metavar="R",
+                   help="with --aspect_ratio_buckets: the most elongated bucket's long side / short side")
+    _switch(g, "--skip_bad_images", "skip (and count) rows whose image cannot be decoded instead of stopping")
+    g.add_argument("--dataloader_num_workers", type=nonneg_int, default=0, metavar="N",
+                   help="data loading worker processes (0 = load in the training process)")
+    _switch(g, "--enable_pin_memory", "pin host memory in the DataLoader (faster host-to-device copies)")
+    _switch(g, "--enable_persistent_workers", "keep DataLoader workers alive between epochs")
+    _switch(g, "--cache_latents",
+            "encode images (VAE) and captions (text encoders) once into an on-disk cache and train from it; the "
+            "encoders then leave the device")
+    g.add_argument("--cache_dir", default=None, metavar="FOLDER",
+                   help="where the latent cache lives; default $DIFFUSERS_NPU_HOME/cache")
 
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", default="sd-model-finetuned", help="where checkpoints, logs and the "
-                                                                       "final pipeline go")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default 0 for reproducibility)")
-    g.add_argument("--train_batch_size", type=int, default=16, help="batch size per device")
-    g.add_argument("--num_train_epochs", type=int, default=100,
+    g.add_argument("--output_dir", default="sd-model-finetuned", metavar="FOLDER",
+                   help="where checkpoints, logs and the trained output go")
+    g.add_argument("--seed", type=nonneg_int, default=0,
+                   help="random seed of data order, augmentation, noise and new weights (upstream: random; fixed "
+                        "here so that a rerun and a resume reproduce the run)")
+    g.add_argument("--train_batch_size", type=positive_int, default=16, metavar="N", help="batch size per device")
+    g.add_argument("--num_train_epochs", type=positive_int, default=100, metavar="N",
                    help="epochs to train when --max_train_steps is not given")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help="optimizer steps to train (overrides --num_train_epochs)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    g.add_argument("--max_train_steps", type=positive_int, default=None, metavar="N",
+                   help="optimizer steps to train; default: --num_train_epochs epochs")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, metavar="N",
                    help="micro-batches per optimizer step")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass to save memory")
-    g.add_argument("--gradient_checkpointing_fraction", type=float, default=1.0,
-                   help="with --gradient_checkpointing: fraction of UNet blocks to checkpoint (outermost first, "
-                        "as the original port's release_part_gradient_checkpointing); 1.0 = all")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="initial learning rate")
-    g.add_argument("--scale_lr", action="store_true",
-                   help="multiply the learning rate by batch size x accumulation x processes")
+    _switch(g, "--gradient_checkpointing", "recompute activations in the backward pass to save memory")
+    g.add_argument("--gradient_checkpointing_fraction", type=unit_float, default=1.0, metavar="F",
+                   help="with --gradient_checkpointing: fraction of UNet blocks to checkpoint, outermost "
+                        "(largest activations) first, like the original port's partial checkpointing")
+    g.add_argument("--learning_rate", type=nonneg_float, default=1e-4, metavar="LR", help="initial learning rate")
+    _switch(g, "--scale_lr", "multiply the learning rate by batch size x accumulation steps x processes")
     g.add_argument("--lr_scheduler", default="constant",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                            "constant_with_warmup"], help="learning-rate schedule")
-    g.add_argument("--lr_warmup_steps", type=int, default=500, help="warm-up steps of the schedule")
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common)")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (0.1 is common)")
-    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                   help="fraction of captions replaced by '' (helps classifier-free guidance)")
-    g.add_argument("--per_sample_noise", action="store_true",
-                   help="draw each sample's noise/timestep from a generator seeded by (seed, epoch, index): results "
-                        "then do not depend on batch split, accumulation or number of processes (slightly slower)")
-    g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay")
-    g.add_argument("--max_grad_norm", type=float, default=None,
-                   help="clip gradients to this norm (on unscaled gradients under fp16); none by default")
-    g.add_argument("--max_bad_steps", type=int, default=0,
-                   help="skip up to N steps whose loss is NaN/inf (fp32/bf16) before stopping; 0 = stop at the "
-                        "first one")
+                   help="learning-rate schedule: any name diffusers.optimization.get_scheduler accepts (linear, "
+                        "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ...)")
+    g.add_argument("--lr_warmup_steps", type=nonneg_int, default=500, metavar="N", help="warm-up steps")
+    g.add_argument("--lr_num_cycles", type=positive_int, default=1, metavar="N",
+                   help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr_power", type=positive_float, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--snr_gamma", type=positive_float, default=None,
+                   help="Min-SNR loss weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 is common")
+    g.add_argument("--noise_offset", type=nonneg_float, default=0.0, help="noise offset scale (0.1 is common)")
+    g.add_argument("--input_perturbation", type=nonneg_float, default=0.0,
+                   help="input perturbation scale (https://arxiv.org/abs/2301.11706); 0.1 is common")
+    g.add_argument("--proportion_empty_prompts", type=unit_float, default=0.0, metavar="P",
+                   help="fraction of captions replaced by '' (teaches classifier-free guidance)")
+    _switch(g, "--per_sample_noise",
+            "draw each sample's noise and timestep from a generator seeded by (seed, epoch, index): results then "
+            "do not depend on how a global batch is split over processes or accumulation steps")
+    _switch(g, "--use_ema", "keep an exponential moving average of the trained weights (saved and used at the end)")
+    g.add_argument("--ema_decay", type=unit_float, default=0.9999, help="EMA decay (reached after a warm-up)")
+    _switch(g, "--offload_ema", "keep the EMA weights in CPU memory (moved to the device for each update)")
+    _switch(g, "--foreach_ema", "update the EMA with multi-tensor (foreach) kernels: faster, more memory")
+    g.add_argument("--non_ema_revision", default=None,
+                   help="Hub revision of the non-EMA weights to train from (upstream text-to-image flag)")
+    g.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, metavar="N",
+                   help="clip gradients to this norm (of unscaled gradients under fp16); 0 disables clipping")
+    g.add_argument("--max_bad_steps", type=nonneg_int, default=0, metavar="N",
+                   help="skip up to N steps whose loss is NaN/inf (fp32/bf16; costs a host sync per step) "
+                        "before stopping; 0 = stop at the first one")
+    g.add_argument("--max_consecutive_overflows", type=positive_int, default=25, metavar="N",
+                   help="fp16: stop with an error when the GradScaler skips N steps in a row (the run is "
+                        "diverging; every later step would be skipped too)")
+    _switch(g, "--set_grads_to_none", "free gradients after each step (set to None) instead of zeroing them")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default=None, choices=["adamw", "fused_adamw", "megatron_adamw", "adamw_8bit"],
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help="optimizer; default fused_adamw on NPU/CUDA, adamw on CPU")
-    _bool_flag(g, "--use_megatron_npu_adamW", "original port flag: same as --optimizer megatron_adamw")
-    _bool_flag(g, "--use_npu_fuse_adamW", "original port flag: same as --optimizer fused_adamw")
-    _bool_flag(g, "--use_8bit_adam", "upstream flag: same as --optimizer adamw_8bit")
-    _bool_flag(g, "--use_clip_grad_norm_fused",
-               "original port flag: clip with the NPU fused clip (needs the fused optimizer); implies "
-               "--max_grad_norm 1.0 when none is given")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    _switch(g, "--use_megatron_npu_adamW", "original port flag: same as --optimizer megatron_adamw")
+    _switch(g, "--use_npu_fuse_adamW", "original port flag: same as --optimizer fused_adamw")
+    _switch(g, "--use_8bit_adam", "upstream flag: same as --optimizer adamw_8bit (needs bitsandbytes)")
+    _switch(g, "--use_clip_grad_norm_fused",
+            "original port flag: clip with the NPU fused clip (needs the fused optimizer)")
+    g.add_argument("--adam_beta1", type=unit_float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=unit_float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_weight_decay", type=nonneg_float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon")
 
-    g = p.add_argument_group("device and speed")
+    g = p.add_argument_group("device, distribution and speed")
     g.add_argument("--device", default=None, choices=["npu", "cuda", "cpu"],
-                   help="force a device (default: NPU, else CUDA, else CPU; or $DIFFUSERS_NPU_DEVICE)")
+                   help="force a device; default: NPU, else CUDA, else CPU (or $DIFFUSERS_NPU_DEVICE)")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="autocast precision; default: bf16 where the device has it fast (CUDA/NPU), else no")
+                   help="autocast precision; default bf16 where the device has it (CUDA/NPU), else no")
+    g.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
+                   help="engine for several processes: ddp (replicated, overlapped all-reduce), fsdp (sharded "
+                        "parameters, gradients and optimizer state), deepspeed (ZeRO, --zero_stage)")
+    g.add_argument("--zero_stage", type=int, default=2, choices=[2, 3], help="DeepSpeed ZeRO stage")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="set by old launchers (torch.distributed.launch); the LOCAL_RANK variable wins")
     g.add_argument("--attention", default=None, choices=["auto", "flash", "upcast", "default"],
-                   help="attention implementation (see diffusers_npu.set_attention); default auto")
-    _bool_flag(g, "--enable_npu_flash_attention", "original port flag: same as --attention flash")
-    _bool_flag(g, "--allow_tf32", "allow TF32 matmuls on Ampere+ GPUs")
+                   help="attention implementation (diffusers_npu.set_attention); default auto")
+    _switch(g, "--enable_npu_flash_attention", "original port flag: same as --attention flash")
+    _switch(g, "--enable_xformers_memory_efficient_attention",
+            "upstream flag: uses this project's fused attention (--attention flash: NPU fusion attention or "
+            "PyTorch's flash/memory-efficient SDPA), which needs no xformers")
+    _switch(g, "--allow_tf32", "allow TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-                   help="channels_last memory format for the UNet (default on for CUDA/NPU)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (first steps pay a warm-up of tens of seconds to minutes)")
-    g.add_argument("--log_every", type=int, default=None,
-                   help="read the loss back from the device every N steps (no host sync in between); "
-                        "default 1 on CPU, 10 elsewhere")
+                   help="channels_last memory format for the UNet; default on for CUDA, off on NPU (torch_npu "
+                        "refuses it) and CPU")
+    _switch(g, "--compile", "torch.compile the UNet (the first steps pay tens of seconds to minutes of warm-up)")
+    g.add_argument("--log_every", type=positive_int, default=None, metavar="N",
+                   help="read losses back from the device every N steps (no host sync in between); default 1 "
+                        "on CPU, 10 elsewhere")
 
     g = p.add_argument_group("checkpoints, validation and logging")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="a checkpoint-N folder, or 'latest' (continue from the newest complete checkpoint)")
-    g.add_argument("--validation_prompts", nargs="*", default=None, help="prompts for validation images")
-    g.add_argument("--validation_steps", type=int, default=None,
-                   help="run validation every N steps (default: only at the end)")
-    g.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none", "all", "wandb"],
-                   help="experiment tracker")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500, metavar="N",
+                   help="save a checkpoint every N steps")
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, metavar="N",
+                   help="keep at most N checkpoints (the newest complete one is never removed)")
+    g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
+                   help="a checkpoint-N folder, or 'latest' (the newest complete checkpoint; starts fresh when "
+                        "there is none, so the same command serves the first run and every rerun)")
+    g.add_argument("--validation_prompts", nargs="*", default=None, metavar="PROMPT",
+                   help="prompts for validation image grids")
+    g.add_argument("--validation_prompt", default=None, metavar="PROMPT",
+                   help="upstream spelling of a single validation prompt (added to --validation_prompts)")
+    g.add_argument("--validation_steps", type=positive_int, default=None, metavar="N",
+                   help="validate every N steps; default: only at the end")
+    g.add_argument("--validation_epochs", type=positive_int, default=None, metavar="N",
+                   help="validate every N epochs (converted to steps)")
+    g.add_argument("--num_validation_images", type=positive_int, default=4, metavar="N",
+                   help="images per validation prompt")
+    g.add_argument("--validation_inference_steps", type=positive_int, default=30, metavar="N",
+                   help="denoising steps of validation images")
+    g.add_argument("--report_to", default="tensorboard",
+                   help="experiment tracker(s) accelerate supports: tensorboard, wandb, comet_ml, all, none, ...")
+    g.add_argument("--tracker_project_name", default=None, help="project name for the tracker; default: the task")
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--learning_check", default=None, action=argparse.BooleanOptionalAction,
-                   help="after training, generate 10 images per digit and report how many a digits "
-                        "classifier reads as the prompt's digit (default on for the embedded model)")
-    g.add_argument("--disable_progress_bar", action="store_true", help="no tqdm bar (log lines only)")
+                   help="after training the embedded digits model, generate 10 images per digit, save them as "
+                        "learning_check.png and report how many a digits classifier reads as the prompt's digit "
+                        "(the launcher asks for it on the main job); default off")
+    g.add_argument("--learning_check_min", type=unit_float, default=0.9, metavar="F",
+                   help="the learning check fails (exit code 4) below this fraction")
+    _switch(g, "--disable_progress_bar", "print one log line per logged step instead of a progress bar")
+    _switch(g, "--push_to_hub", "upload the trained output to the Hugging Face Hub at the end (needs network; "
+                                "offline, the local output is kept and a one-line error says what was not pushed)")
+    g.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub; default: output folder name")
+    g.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: the logged-in one)")
     return p
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config`` become defaults so the command line wins."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        values = load_config_file(known.config)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in values if k not in dests)
-        if unknown:
-            parser.error(f"--config {known.config}: unknown key(s) {', '.join(unknown)}")
-        parser.set_defaults(**values)
-    return parser.parse_args(argv)
-
-
-def load_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:
-        raise ConfigError(f"--config: {path} is not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
-                          f"{e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
-    return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+#: flags only read by the launcher or by old launchers, never stored in configs or summaries as settings
+LAUNCHER_ONLY = ("local_rank",)

@@ -3,31 +3,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import import_module
-
-# task name -> "module:class"; imported only when used
-TASKS = {
-    "text_to_image": "diffusers_npu.train.tasks.text_to_image:TextToImageTask",
-    "dreambooth": "diffusers_npu.train.tasks.dreambooth:DreamBoothTask",
-    "textual_inversion": "diffusers_npu.train.tasks.textual_inversion:TextualInversionTask",
-    "controlnet": "diffusers_npu.train.tasks.controlnet:ControlNetTask",
-}
-
-
-def task_class(name: str):
-    module, _, cls = TASKS[name].partition(":")
-    return getattr(import_module(module), cls)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=sorted(TASKS), help="what to train")
+    from .registry import get_task, task_names
+
+    lines = [f"  {n:<22} {get_task(n).description}" for n in task_names()]
+    parser.description = "Fine-tune a model with one training task.\n\ntasks:\n" + "\n".join(lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("task", metavar="TASK", help="the task to train (text_to_image and text-to-image both work)")
     parser.add_argument("flags", nargs=argparse.REMAINDER,
                         help="the task's flags (see 'diffusers-npu train TASK --help')")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from . import main
+    from . import main, task_class
 
     return main(task_class(args.task), args.flags)
 

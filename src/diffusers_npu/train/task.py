@@ -1,238 +1,160 @@
-"""What differs between training tasks, behind one small interface.
+"""The task contract: what differs between training jobs, behind one small interface.
 
-The :class:`~diffusers_npu.train.loop.Trainer` owns the loop (precision, accumulation, clipping, EMA,
-checkpoints, logging, validation, pre-emption). A task says only:
+The :class:`~diffusers_npu.train.loop.Trainer` owns the loop (engine, precision, accumulation, clipping, EMA,
+checkpoints, pre-emption, logging, validation). A task says only:
 
-* which models it loads and which of them train (``load_models``, ``trainable_modules``, ``parameters``);
-* what a sample is (``build_dataset``), and optionally how it is cached (``cache_spec``);
-* how a batch becomes a loss (``compute_loss``);
-* what is saved at the end and how a pipeline is built for validation (``save_final``, ``build_pipeline``).
+* which models it loads and which of them train: :meth:`Task.build_module` returns ONE ``torch.nn.Module``
+  whose ``forward(batch)`` returns ``(loss, metrics)``. It registers the trainable parts as sub-modules
+  (UNet, ControlNet, LoRA adapters inside the UNet, the text encoder's input embeddings) and merely refers
+  to the frozen ones, so ``accelerator.prepare`` wraps exactly what trains (DDP, FSDP or DeepSpeed);
+* what a sample is (:meth:`build_dataset`), and how it may be cached (:meth:`cache_encoders`);
+* how the trained parts are written and read back, in the form users load (:meth:`save_trained`,
+  :meth:`load_trained`; used by checkpoints and by the final save), and what the final output is
+  (:meth:`save_final`);
+* how a pipeline is built for validation (:meth:`pipeline`).
 
-:class:`DiffusionTask` implements the parts every Stable Diffusion task shares (loading components, the noisy
-latents / target / Min-SNR loss), so a concrete task is mostly its ``compute_loss`` and what it saves.
+Capabilities are typed class attributes, declared once. A task registers itself with
+:func:`~diffusers_npu.train.registry.register_task`.
 """
 from __future__ import annotations
 
-import logging
-import os
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A missing or broken model folder/component, named."""
+from .registry import LaunchProfile
 
 
-SD_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-                 "tokenizer": "CLIPTokenizer", "scheduler": "DDPMScheduler"}
+@dataclass
+class Runtime:
+    """Where and how the task runs; filled in by the Trainer before :meth:`Task.build_module`."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    weight_dtype: torch.dtype = torch.float32  # dtype of the frozen models (the autocast dtype)
+    rank: int = 0
+    world_size: int = 1
+    is_main: bool = True
+    is_local_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+    sharded: bool = False  # FSDP / ZeRO-3: trainable parameters are shards
+    ledger: Optional[object] = None  # the run's OutputLedger: record finished files (kept on failure)
+    preemption: Optional[object] = None  # the run's Preemption: pass .check as a pipeline step callback
+
+    def finished(self, path: str) -> None:
+        """Record a file or folder this run finished writing (the failure clean-up never deletes it)."""
+        if self.ledger is not None:
+            self.ledger.done(final=path)
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """Run the body on the local main process first (it builds caches, writes shared files), then on the
+        others; everybody leaves together."""
+        if not self.is_local_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_local_main:
+                self.barrier()
 
 
-def check_model_folder(path: str, components=("unet", "vae", "text_encoder", "tokenizer", "scheduler")) -> None:
-    """Fail early and by name when a local model folder is missing or incomplete (hub ids pass through)."""
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
-    if not looks_local:
-        return
-    if not os.path.isdir(path):
-        raise ModelError(f"--pretrained_model_name_or_path: {path} does not exist (expected a diffusers "
-                         f"pipeline folder with model_index.json)")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ModelError(f"--pretrained_model_name_or_path: {path} has no model_index.json (expected a "
-                         f"diffusers pipeline folder)")
-    for c in components:
-        if not os.path.isdir(os.path.join(path, c)):
-            raise ModelError(f"--pretrained_model_name_or_path: {path} has no '{c}' folder "
-                             f"(component {SD_COMPONENTS.get(c, c)} is needed)")
+class Task(abc.ABC):
+    # ---- identity (the registry, the CLI and the launchers read these)
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+    launch: ClassVar[Optional[LaunchProfile]] = None
+    #: flag defaults of this task that differ from the common ones (upstream's per-script defaults)
+    defaults: ClassVar[Dict[str, object]] = {}
 
+    # ---- capabilities
+    supports_cache: ClassVar[bool] = False      # --cache_latents
+    supports_buckets: ClassVar[bool] = False    # --aspect_ratio_buckets
+    supports_ema: ClassVar[bool] = True         # --use_ema
+    ema_refusal: ClassVar[str] = ""             # why not, when supports_ema is False
+    uses_embedded_data: ClassVar[bool] = True   # no data flags -> the embedded digits
+    output_kind: ClassVar[str] = "pipeline"     # pipeline | lora | textual_inversion | controlnet
 
-def load_component(kind: str, path: str, revision=None, variant=None, subfolder=None):
-    import diffusers
-    import transformers
+    @classmethod
+    def prepare_embedded(cls, progress: bool = False) -> dict:
+        """Make (once) the embedded offline model and data set; {'model', 'dataset', 'resolution'}."""
+        from .. import embedded
 
-    sub = subfolder or kind
-    try:
-        if kind == "tokenizer":
-            return transformers.CLIPTokenizer.from_pretrained(path, subfolder=sub, revision=revision)
-        if kind == "text_encoder":
-            return transformers.CLIPTextModel.from_pretrained(path, subfolder=sub, revision=revision,
-                                                              variant=variant)
-        if kind == "scheduler":
-            return diffusers.DDPMScheduler.from_pretrained(path, subfolder=sub, revision=revision)
-        cls = getattr(diffusers, SD_COMPONENTS[kind])
-        return cls.from_pretrained(path, subfolder=sub, revision=revision, variant=variant)
-    except ModelError:
-        raise
-    except Exception as e:
-        raise ModelError(f"--pretrained_model_name_or_path: cannot load {kind} ({SD_COMPONENTS.get(kind, kind)}) "
-                         f"from {path}/{sub}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return {**embedded.prepare(progress=progress), "resolution": embedded.RESOLUTION}
 
-
-class Task:
-    name = "task"
-    #: cache support: tasks whose samples are (image, caption) can train on cached latents
-    supports_cache = False
-
-    def __init__(self, args):
+    def __init__(self, args, runtime: Optional[Runtime] = None):
         self.args = args
+        self.rt = runtime or Runtime()
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        pass
+    # ---- flags
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add the task's own flags."""
 
     def validate_args(self) -> None:
-        pass
+        """Check the task's flags against each other; raise UsageError naming the flag."""
 
-    def load_models(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+    # ---- models and data
+    @abc.abstractmethod
+    def build_module(self) -> torch.nn.Module:
+        """Load the models (on ``self.rt.device``) and return the module to train."""
+
+    @abc.abstractmethod
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        """The training samples, keyed by ``(epoch, index)`` (or ``(epoch, index, bucket)``)."""
+
+    def cache_encoders(self):
+        """For --cache_latents: ``(encode_images, encode_prompts, key_parts)``; see data.cache."""
         raise NotImplementedError
 
-    def trainable_modules(self) -> dict:
-        raise NotImplementedError
+    def attention_models(self) -> List[torch.nn.Module]:
+        """Models whose diffusers Attention modules get ``--attention`` (and channels_last on CUDA)."""
+        return []
 
-    def parameters(self):
-        return [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+    def checkpointing_models(self) -> List[torch.nn.Module]:
+        """Trained models that recompute activations with ``--gradient_checkpointing``."""
+        return []
 
-    def build_dataset(self):
-        raise NotImplementedError
+    def compile_models(self) -> List[torch.nn.Module]:
+        """Models ``--compile`` compiles."""
+        return []
 
-    def compute_loss(self, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+    def release_encoders(self) -> None:
+        """After building the latent cache: move the encoders off the device."""
 
-    def after_optimizer_step(self) -> None:
-        pass
+    def ema_model(self) -> Optional[torch.nn.Module]:
+        """The model --use_ema averages (its trainable parameters)."""
+        return None
 
-    def build_pipeline(self, device, weight_dtype):
-        raise NotImplementedError
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step with the new step number (textual inversion restores the frozen
+        embedding rows and writes its periodic embedding files)."""
+
+    # ---- outputs
+    @abc.abstractmethod
+    def save_trained(self, folder: str, ema_state: Optional[dict] = None) -> List[str]:
+        """Write the trained parts into ``folder`` in the form users load (diffusers model folders, LoRA or
+        embedding files). Called on every rank (collective when sharded). Returns the names written."""
+
+    @abc.abstractmethod
+    def load_trained(self, folder: str) -> Optional[dict]:
+        """Read back what :meth:`save_trained` wrote (and the layout of older versions). Returns the EMA
+        weights it found (name -> tensor) or None."""
+
+    @abc.abstractmethod
+    def pipeline(self):
+        """A pipeline over the models being trained, for validation images and the learning check."""
+
+    @abc.abstractmethod
+    def save_final(self, folder: str) -> List[str]:
+        """Write the final output into ``folder`` (main process; models already hold EMA weights if used)."""
 
     def validation_kwargs(self, index: int, prompt: str) -> dict:
-        """Extra pipeline arguments for validation prompt ``index`` (e.g. a ControlNet's conditioning image)."""
+        """Extra pipeline arguments for validation prompt ``index`` (a ControlNet's conditioning image)."""
         return {}
-
-    def save_final(self, folder: str, pipeline) -> None:
-        raise NotImplementedError
 
     def summary_extra(self) -> dict:
         return {}
-
-
-class DiffusionTask(Task):
-    """Shared Stable Diffusion plumbing: components, noising, targets and the (Min-SNR) loss."""
-
-    supports_cache = True
-    pipeline_class_name = "StableDiffusionPipeline"
-
-    def load_models(self, device, weight_dtype):
-        a = self.args
-        path = a.pretrained_model_name_or_path
-        check_model_folder(path)
-        self.tokenizer = load_component("tokenizer", path, a.revision)
-        self.noise_scheduler = load_component("scheduler", path, a.revision)
-        self.text_encoder = load_component("text_encoder", path, a.revision, a.variant)
-        self.vae = load_component("vae", path, a.revision, a.variant)
-        self.unet = load_component("unet", path, a.revision, a.variant)
-        if a.prediction_type:
-            self.noise_scheduler.register_to_config(prediction_type=a.prediction_type)
-        self.device, self.weight_dtype = device, weight_dtype
-        # Frozen encoders run in the autocast dtype (halves their memory and time); trainable weights stay fp32
-        # (master weights) and are autocast in the step.
-        for m in (self.vae, self.text_encoder):
-            m.requires_grad_(False)
-            m.eval()
-        self.vae.to(device, dtype=weight_dtype)
-        self.text_encoder.to(device, dtype=weight_dtype)
-        self.unet.to(device)
-
-    # -------------------------------------------------------------------------------------- shared loss pieces
-    def encode_images(self, pixel_values):
-        """VAE latents, sampled from the posterior, scaled as SD expects."""
-        dist = self.vae.encode(pixel_values.to(self.device, self.weight_dtype)).latent_dist
-        return dist.sample() * self.vae.config.scaling_factor
-
-    def _per_sample_generators(self, batch):
-        """With --per_sample_noise: one CPU generator per sample, seeded by (seed, epoch, index), so a sample's
-        noise, timestep and latent draw do not depend on batch composition, accumulation or world size."""
-        if not getattr(self.args, "per_sample_noise", False) or "epoch" not in batch:
-            return None
-        from ..data.dataset import sample_rng
-
-        return [torch.Generator().manual_seed(sample_rng(self.args.seed, int(e), int(i), "noise").getrandbits(63))
-                for e, i in zip(batch["epoch"].tolist(), batch["index"].tolist())]
-
-    def _randn(self, like, gens):
-        if gens is None:
-            return torch.randn_like(like)
-        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like.device, like.dtype)
-
-    def latents_from_batch(self, batch, gens=None):
-        if "latent_moments" in batch:  # cached: sample from the stored posterior (mean, std)
-            mom = batch["latent_moments"].to(self.device, non_blocking=True)
-            mean, std = mom.chunk(2, dim=1)
-            return (mean + std * self._randn(std, gens)) * self.vae.config.scaling_factor
-        with torch.no_grad():
-            dist = self.vae.encode(batch["pixel_values"].to(self.device, self.weight_dtype, non_blocking=True)).latent_dist
-            if gens is None:
-                return dist.sample() * self.vae.config.scaling_factor
-            return (dist.mean + dist.std * self._randn(dist.std, gens)) * self.vae.config.scaling_factor
-
-    def text_embeddings(self, batch):
-        if "encoder_hidden_states" in batch:
-            return batch["encoder_hidden_states"].to(self.device, non_blocking=True)
-        with torch.no_grad():
-            return self.text_encoder(batch["input_ids"].to(self.device, non_blocking=True))[0]
-
-    def noisy_latents(self, latents, gens=None):
-        noise = self._randn(latents, gens)
-        if self.args.noise_offset:
-            offset = self._randn(latents[:, :, :1, :1], gens)
-            noise = noise + self.args.noise_offset * offset
-        n_t = self.noise_scheduler.config.num_train_timesteps
-        if gens is None:
-            t = torch.randint(0, n_t, (latents.shape[0],), device=latents.device).long()
-        else:
-            t = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in gens]).to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            raise ValueError(f"unknown prediction_type {self.noise_scheduler.config.prediction_type}")
-        return noisy, t, target
-
-    def diffusion_loss(self, model_pred, target, timesteps, reduce=True):
-        """MSE, optionally Min-SNR-gamma weighted (https://arxiv.org/abs/2303.09556)."""
-        if self.args.snr_gamma is None:
-            per = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        else:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            w = torch.minimum(snr, torch.full_like(snr, self.args.snr_gamma))
-            w = w / snr if self.noise_scheduler.config.prediction_type == "epsilon" else w / (snr + 1)
-            per = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w
-        return per.mean() if reduce else per
-
-    # -------------------------------------------------------------------------------------------- pipelines
-    def make_sd_pipeline(self, unet, text_encoder=None, tokenizer=None, weight_dtype=torch.float32, **extra):
-        import diffusers
-
-        a = self.args
-        scheduler = diffusers.DDIMScheduler.from_pretrained(a.pretrained_model_name_or_path, subfolder="scheduler") \
-            if _scheduler_is(a.pretrained_model_name_or_path, "DDIMScheduler") else \
-            diffusers.PNDMScheduler.from_config(self.noise_scheduler.config)
-        cls = getattr(diffusers, self.pipeline_class_name)
-        return cls(vae=self.vae, text_encoder=text_encoder or self.text_encoder, tokenizer=tokenizer or self.tokenizer,
-                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                   requires_safety_checker=False, **extra)
-
-
-def _scheduler_is(path: str, name: str) -> bool:
-    import json
-
-    cfg = os.path.join(path, "scheduler", "scheduler_config.json")
-    try:
-        with open(cfg) as f:
-            return json.load(f).get("_class_name") == name
-    except OSError:
-        return False

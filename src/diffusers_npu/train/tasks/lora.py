@@ -1,43 +1,54 @@
-"""LoRA for any Stable Diffusion task: ``--use_lora --lora_rank R`` (text-to-image, DreamBooth).
+"""LoRA for the Stable Diffusion tasks: ``--use_lora --rank R [--lora_alpha A]``.
 
-peft injects low-rank adapters into the attention projections (UNet: ``to_q/to_k/to_v/to_out.0``; text
-encoder: ``q_proj/k_proj/v_proj/out_proj``); the base weights are frozen, so only the adapters receive
-gradients. The adapters start as a no-op (B = 0), train in fp32 (master weights, autocast in the step), and
-are saved with ``StableDiffusionPipeline.save_lora_weights`` as ``pytorch_lora_weights.safetensors``, which
-``pipeline.load_lora_weights(output_dir)`` reads back onto the base model.
-
-Checkpoints need nothing special: the Trainer saves the trainable modules' state dicts, which hold the
-adapter weights under the same names on resume (the adapters are injected before the checkpoint is loaded).
-
-Use :class:`LoraMixin` as the first base of a task (``class MyTask(LoraMixin, DiffusionTask)``) and call
-:meth:`LoraMixin.save_lora` from the task's ``save_final``.
+peft injects low-rank adapters into the attention projections (UNet ``to_q/to_k/to_v/to_out.0``; CLIP
+``q_proj/k_proj/v_proj/out_proj``); the base weights are frozen, so only the adapters train. The adapters
+start as a no-op (B = 0), train as fp32 master weights (autocast in the step), and are written with the
+pipeline class's ``save_lora_weights`` as ``pytorch_lora_weights.safetensors``, which
+``pipeline.load_lora_weights(folder)`` reads onto the base model. Checkpoints also keep the adapters under
+peft's own names (``lora_adapters.safetensors``, a few MB) so that a resume restores them bit for bit.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+from typing import Dict, List, Optional
 
 import torch
+
+from ...errors import CheckpointError
+from .. import weights
 
 logger = logging.getLogger(__name__)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTERS_NAME = "lora_adapters.safetensors"
 
 
 def add_lora_arguments(parser) -> None:
     g = parser.add_argument_group("LoRA")
     g.add_argument("--use_lora", action="store_true",
-                   help="train LoRA adapters on the attention projections instead of the full weights; the "
-                        "result is pytorch_lora_weights.safetensors (pipeline.load_lora_weights)")
-    g.add_argument("--lora_rank", type=int, default=4, help="rank of the LoRA adapters")
+                   help="train LoRA adapters on the attention projections instead of the full weights; the result "
+                        "is pytorch_lora_weights.safetensors (pipeline.load_lora_weights)")
+    g.add_argument("--rank", "--lora_rank", dest="lora_rank", type=int, default=4, metavar="R",
+                   help="rank of the LoRA adapters (upstream --rank)")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA scaling numerator (effective scale alpha/rank); default: the rank (scale 1)")
 
 
-def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets) -> list[torch.nn.Parameter]:
+def validate_lora_args(args) -> None:
+    from ...errors import UsageError
+
+    if not getattr(args, "use_lora", False):
+        return
+    if args.lora_rank < 1:
+        raise UsageError(f"--rank must be >= 1 (got {args.lora_rank})")
+    if args.use_ema:
+        raise UsageError("--use_ema averages full weights; with --use_lora only the adapters train (drop one)")
+
+
+def add_lora(module: torch.nn.Module, rank: int, alpha: Optional[float], targets) -> List[torch.nn.Parameter]:
     """Freeze ``module`` and inject LoRA adapters (fp32, B = 0) into ``targets``; return the adapter params."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -57,63 +68,65 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets) -
     return params
 
 
-def lora_state_dict(module: torch.nn.Module) -> dict:
-    """The adapter weights of ``module`` in diffusers' naming (what ``save_lora_weights`` expects)."""
+def adapter_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapters' whole tensors under their module names (collective when sharded)."""
+    keys = [k for k in module.state_dict() if "lora_" in k]
+    return weights.gathered_state_dict(module, only=keys)
+
+
+def _diffusers_layers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """peft module names -> the names diffusers' save_lora_weights expects."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return convert_state_dict_to_diffusers({k.replace(".default", ""): v for k, v in state.items()})
 
 
-class LoraMixin:
-    """Adds ``--use_lora/--lora_rank/--lora_alpha`` to a :class:`~diffusers_npu.train.task.DiffusionTask`."""
+def save_lora(folder: str, rt, unet, text_encoder=None, pipeline_cls_name: str = "StableDiffusionPipeline",
+              text_encoder_2=None) -> List[str]:
+    """``pytorch_lora_weights.safetensors`` (users) + ``lora_adapters.safetensors`` (exact resume)."""
+    import diffusers
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        add_lora_arguments(parser)
+    unet_sd = adapter_state(unet)
+    te_sd = adapter_state(text_encoder) if text_encoder is not None else None
+    te2_sd = adapter_state(text_encoder_2) if text_encoder_2 is not None else None
+    if not rt.is_main:
+        return []
+    os.makedirs(folder, exist_ok=True)
+    cls = getattr(diffusers, pipeline_cls_name)
+    kwargs = {"unet_lora_layers": _diffusers_layers(unet_sd)}
+    if te_sd:
+        kwargs["text_encoder_lora_layers"] = _diffusers_layers(te_sd)
+    if te2_sd:
+        kwargs["text_encoder_2_lora_layers"] = _diffusers_layers(te2_sd)
+    cls.save_lora_weights(folder, safe_serialization=True, **kwargs)
+    exact = {f"unet.{k}": v for k, v in unet_sd.items()}
+    exact.update({f"text_encoder.{k}": v for k, v in (te_sd or {}).items()})
+    exact.update({f"text_encoder_2.{k}": v for k, v in (te2_sd or {}).items()})
+    weights.save_state_dict(exact, os.path.join(folder, ADAPTERS_NAME))
+    return [LORA_WEIGHTS_NAME, ADAPTERS_NAME]
 
-    @property
-    def use_lora(self) -> bool:
-        return bool(getattr(self.args, "use_lora", False))
 
-    def validate_args(self) -> None:
-        super().validate_args()
-        a = self.args
-        if not self.use_lora:
+def load_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> None:
+    """Restore adapters saved by :func:`save_lora` (or an older full ``unet.safetensors``)."""
+    from safetensors.torch import load_file
+
+    exact = os.path.join(folder, ADAPTERS_NAME)
+    if not os.path.isfile(exact):
+        old = os.path.join(folder, "unet.safetensors")
+        if os.path.isfile(old):  # earlier versions kept the whole UNet state dict, adapters included
+            weights.load_pretrained(unet, folder, weights_name="unet.safetensors")
+            if text_encoder is not None and os.path.isfile(os.path.join(folder, "text_encoder.safetensors")):
+                weights.load_pretrained(text_encoder, folder, weights_name="text_encoder.safetensors")
             return
-        from ..args import ConfigError
-
-        if a.lora_rank < 1:
-            raise ConfigError(f"--lora_rank must be >= 1 (got {a.lora_rank})")
-        if a.learning_check:
-            # The check reloads --output_dir as a full pipeline; a LoRA run writes only the adapters.
-            logger.info("--use_lora: the learning check is skipped (the output holds only LoRA weights)")
-            a.learning_check = False
-
-    def load_models(self, device, weight_dtype):
-        super().load_models(device, weight_dtype)
-        if self.use_lora:
-            params = add_lora(self.unet, self.args.lora_rank, self.args.lora_alpha, UNET_TARGETS)
-            logger.info("LoRA rank %d on the UNet: %d trainable tensors, %.2fM parameters", self.args.lora_rank,
-                        len(params), sum(p.numel() for p in params) / 1e6)
-
-    def add_text_encoder_lora(self) -> None:
-        add_lora(self.text_encoder, self.args.lora_rank, self.args.lora_alpha, TEXT_ENCODER_TARGETS)
-
-    def save_lora(self, folder: str, text_encoder_trained: bool = False) -> bool:
-        """Write ``pytorch_lora_weights.safetensors`` (+ ``lora_info.json``) if LoRA is on; return whether it did."""
-        if not self.use_lora:
-            return False
-        from diffusers import StableDiffusionPipeline
-
-        te = lora_state_dict(self.text_encoder) if text_encoder_trained else None
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict(self.unet),
-                                                  text_encoder_lora_layers=te, safe_serialization=True)
-        a = self.args
-        with open(os.path.join(folder, "lora_info.json"), "w") as f:
-            json.dump({"base_model": a.pretrained_model_name_or_path, "rank": a.lora_rank,
-                       "alpha": a.lora_alpha if a.lora_alpha is not None else a.lora_rank,
-                       "unet_targets": list(UNET_TARGETS),
-                       "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if te else [],
-                       "load_with": "pipeline.load_lora_weights(this_folder)"}, f, indent=1)
-        return True
+        raise CheckpointError(f"--resume_from_checkpoint: {folder} has no {ADAPTERS_NAME} (was it written by a run "
+                              f"without --use_lora?)")
+    sd = load_file(exact)
+    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2)):
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if module is None:
+            continue
+        expected = [k for k in module.state_dict() if "lora_" in k]
+        if sorted(part) != sorted(expected):
+            raise CheckpointError(f"--resume_from_checkpoint: {exact} does not match the adapters being trained "
+                                  f"(rank or targets changed?)")
+        weights.load_state_into(module, part, where=exact)

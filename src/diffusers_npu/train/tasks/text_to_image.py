@@ -1,29 +1,29 @@
-"""Text-to-image fine-tuning: the UNet learns to denoise latents of (image, caption) pairs."""
+"""Text-to-image fine-tuning: the UNet (or LoRA adapters in it) learns to denoise latents of captioned images."""
 from __future__ import annotations
 
 import os
+from typing import List, Optional
 
-import torch
-
-from ...data import dataset as D
-from ...data.sources import load_source, resolve_columns
+from .. import weights
 from ..registry import LaunchProfile, register_task
-from ..task import DiffusionTask
-from .lora import LoraMixin
+from ..sd import DiffusionTask, Frozen, SDModule, load_unet_like, save_unet_like
+from . import lora
 
 
-def undecoded_images(ds, column):
-    """Have ``datasets`` hand over raw image bytes/paths so that *we* decode them: a corrupt file then fails
-    in our code, with its row and file name, or is skipped by --skip_bad_images."""
-    from datasets import Image
+class TextToImageModule(SDModule):
+    """forward(batch) -> (loss, {}): encode (or read cached) latents and prompt states, noise, predict."""
 
-    if isinstance(ds.features.get(column), Image) and ds.features[column].decode:
-        ds = ds.cast_column(column, Image(decode=False))
-    return ds
+    def forward(self, batch):
+        gens = self.objective.generators(batch)
+        latents = self.latents(batch, gens)
+        states = self.text_states(batch)
+        noisy, t, target = self.objective.noisy(latents, gens)
+        pred = self.unet(noisy, t, states, return_dict=False)[0]
+        return self.objective.loss(pred, target, t), {}
 
 
 @register_task
-class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora_rank
+class TextToImageTask(DiffusionTask):
     name = "text_to_image"
     description = "Fine-tune a Stable Diffusion UNet (or LoRA adapters with --use_lora) on image-caption pairs."
     example = "examples/text_to_image/train_text_to_image.py"
@@ -33,49 +33,79 @@ class TextToImageTask(LoraMixin, DiffusionTask):  # LoraMixin: --use_lora --lora
         pretrained={"resolution": 512, "max_train_steps": 15000, "train_batch_size": 1, "center_crop": True,
                     "random_flip": True, "lr_scheduler": "constant", "lr_warmup_steps": 0,
                     "learning_rate": 1e-05, "checkpointing_steps": 5000, "dataloader_num_workers": 4})
+    supports_cache = True
+    supports_buckets = True
 
-    def __init__(self, args):
-        super().__init__(args)
-        self.hf_dataset = None
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        lora.add_lora_arguments(parser)
 
-    def trainable_modules(self):
-        return {"unet": self.unet}
+    @property
+    def use_lora(self) -> bool:
+        return bool(self.args.use_lora)
 
-    def load_data_source(self):
-        a = self.args
-        ds = load_source(a.dataset_name, a.local_data_dir, a.train_data_dir, a.dataset_config_name,
-                         cache_dir=None)
-        self.image_column, self.caption_column = resolve_columns(ds, a.image_column, a.caption_column)
-        if a.max_train_samples is not None:
-            ds = ds.select(range(min(a.max_train_samples, len(ds))))
-        ds = undecoded_images(ds, self.image_column)
-        self.hf_dataset = ds
-        return ds
+    @property
+    def output_kind(self) -> str:  # noqa: D102 - the class attribute, per run
+        return "lora" if self.use_lora else "pipeline"
+
+    def validate_args(self) -> None:
+        lora.validate_lora_args(self.args)
+        if self.use_lora and self.args.learning_check:
+            from ...errors import UsageError
+
+            raise UsageError("--learning_check loads --output_dir as a full pipeline; a --use_lora run writes only "
+                             "the adapters (drop one)")
+
+    # ------------------------------------------------------------------------------------------ models
+    def build_module(self):
+        self.load_components()
+        if self.use_lora:
+            lora.add_lora(self.unet, self.args.lora_rank, self.args.lora_alpha, lora.UNET_TARGETS)
+        frozen = Frozen(vae=self.vae, text_encoder=self.text_encoder)
+        return TextToImageModule(frozen, self.objective(), self.rt.weight_dtype, unet=self.unet)
 
     def build_dataset(self):
-        a = self.args
-        ds = self.hf_dataset if self.hf_dataset is not None else self.load_data_source()
-        return D.ImageCaptionDataset(ds, self.image_column, self.caption_column, self.tokenizer, a.resolution,
-                                     center_crop=a.center_crop, random_flip=a.random_flip, seed=a.seed,
-                                     skip_bad_images=a.skip_bad_images, name="the training data",
-                                     proportion_empty_prompts=a.proportion_empty_prompts)
+        return self.image_caption_dataset()
 
-    def cache_spec(self):
-        """What the trainer needs to build/load a latent cache for this task's data."""
-        return dict(hf_dataset=self.hf_dataset, image_column=self.image_column,
-                    caption_column=self.caption_column)
+    def attention_models(self):
+        return [self.unet, self.vae]
 
-    def compute_loss(self, batch, generator=None):
-        gens = self._per_sample_generators(batch)
-        latents = self.latents_from_batch(batch, gens)
-        states = self.text_embeddings(batch)
-        noisy, t, target = self.noisy_latents(latents, gens)
-        pred = self.unet(noisy, t, states, return_dict=False)[0]
-        return self.diffusion_loss(pred, target, t), {}
+    def checkpointing_models(self):
+        return [self.unet]
 
-    def build_pipeline(self, unet):
-        return self.make_sd_pipeline(unet)
+    def compile_models(self):
+        return [self.unet]
 
-    def save_final(self, folder, pipeline):
-        if not self.save_lora(folder):  # --use_lora writes only pytorch_lora_weights.safetensors
-            pipeline.save_pretrained(folder, safe_serialization=True)
+    def ema_model(self):
+        return self.unet
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def save_trained(self, folder: str, ema_state=None) -> List[str]:
+        if self.use_lora:
+            return lora.save_lora(folder, self.rt, self.unet)
+        return save_unet_like(self.unet, folder, self.rt, ema_state)
+
+    def load_trained(self, folder: str) -> Optional[dict]:
+        if self.use_lora:
+            lora.load_lora(folder, self.unet)
+            return None
+        return load_unet_like(self.unet, folder)
+
+    def save_final(self, folder: str) -> List[str]:
+        rt = self.rt
+        if self.use_lora:
+            files = lora.save_lora(folder, rt, self.unet)
+            if rt.is_main:
+                os.remove(os.path.join(folder, lora.ADAPTERS_NAME))  # resume-only; the output is the LoRA file
+                files = [lora.LORA_WEIGHTS_NAME]
+                self.training_info(folder, "lora", files, rank=self.args.lora_rank,
+                                   load_with="pipeline.load_lora_weights(this_folder)")
+            return files
+        unet = weights.full_copy(self.unet, rt.is_main)
+        if not rt.is_main:
+            return []
+        pipe = self.sd_pipeline(unet=unet)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        files = sorted(os.listdir(folder))
+        self.training_info(folder, "pipeline", files)
+        return files

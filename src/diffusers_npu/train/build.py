@@ -1,0 +1,193 @@
+"""Assembling a run (called once by :meth:`Trainer.setup`): runtime, task module, speed options, data,
+optimizer and schedule, the engine (``accelerator.prepare``), EMA, trackers.
+
+Kept apart from the loop so that ``loop.py`` reads top to bottom as the training itself.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..errors import TrainingError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def runtime_and_precision(t) -> None:
+    """Device settings, threads, seeds, the Runtime the task sees, and the precision policy."""
+    from accelerate import PartialState
+
+    from .. import device as dev
+    from .precision import Precision
+    from .task import Runtime
+
+    a = t.args
+    state = PartialState(cpu=a.device == "cpu")
+    dev.apply_device_settings(a.device, allow_tf32=a.allow_tf32)
+    if a.device == "cpu":
+        t.threads_note = dev.configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))[1]
+        # Denormal floats (tiny weights late in training) make x86 float maths up to ~100x slower.
+        torch.set_flush_denormal(True)
+    sharded = state.num_processes > 1 and (a.distributed == "fsdp" or (a.distributed == "deepspeed" and
+                                                                        a.zero_stage == 3))
+    t.rt = Runtime(device=state.device, rank=state.process_index, world_size=state.num_processes,
+                   is_main=state.is_main_process, is_local_main=state.is_local_main_process,
+                   barrier=state.wait_for_everyone, sharded=sharded, ledger=t.ledger, preemption=t.preemption)
+    t.deepspeed = state.num_processes > 1 and a.distributed == "deepspeed"
+    t.precision = Precision(a.mixed_precision, state.device, sharded=a.distributed == "fsdp" and sharded,
+                            engine_owns_scaling=t.deepspeed, max_consecutive=a.max_consecutive_overflows)
+    t.rt.weight_dtype = t.precision.weight_dtype
+    # Noise differs per rank (each rank draws for its own samples); data order depends on --seed alone.
+    dev.seed_everything(a.seed + t.rt.rank)
+
+
+def module_and_speed(t) -> torch.nn.Module:
+    """Load the task's models and apply attention, gradient checkpointing, channels_last and compile."""
+    from ..attention import set_attention
+
+    a, task = t.args, t.task
+    module = task.build_module()
+    for model in task.attention_models():
+        set_attention(model, a.attention)
+    if a.gradient_checkpointing:
+        for model in task.checkpointing_models():
+            enable_gradient_checkpointing(model, a.gradient_checkpointing_fraction)
+    if a.channels_last:
+        for model in task.attention_models():
+            model.to(memory_format=torch.channels_last)
+    if a.compile:
+        for model in task.compile_models():
+            # The compiled callable serves the forward only; state dicts come from the module itself.
+            model.forward = torch.compile(model.forward)
+    module.train()
+    return module
+
+
+def data(t) -> None:
+    """Dataset (or latent cache), the batch sampler, and --max_train_steps / validation in steps."""
+    from ..data.sampling import BucketBatchSampler, ResumableBatchSampler
+
+    a, task, rt = t.args, t.task, t.rt
+    dataset = task.build_dataset()
+    if a.cache_latents:
+        dataset = cached(t, dataset)
+    buckets = getattr(dataset, "bucket_of_row", None)
+    if buckets is None and getattr(dataset, "buckets", None) is not None:
+        buckets = dataset.buckets.of_row
+    if a.aspect_ratio_buckets and buckets is not None:
+        sampler = BucketBatchSampler(buckets, a.train_batch_size, a.seed, rt.world_size, rt.rank)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), a.train_batch_size, a.seed, rt.world_size, rt.rank)
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / a.gradient_accumulation_steps)
+    if a.max_train_steps is None:
+        a.max_train_steps = a.num_train_epochs * steps_per_epoch
+    if a.validation_epochs:
+        a.validation_steps = a.validation_epochs * steps_per_epoch
+    t.dataset, t.sampler, t.steps_per_epoch = dataset, sampler, steps_per_epoch
+
+
+def cached(t, dataset):
+    from ..data.cache import CachedDataset, LatentCache
+    from ..embedded import home
+
+    a, task, rt = t.args, t.task, t.rt
+    encode_images, encode_prompts, key = task.cache_encoders()
+    root = a.cache_dir or os.path.join(home(), "cache", "latents")
+    cache = LatentCache.load_or_build(root, key, dataset, encode_images, encode_prompts, a.random_flip,
+                                      progress=rt.is_main and t.show_bar, is_main=rt.is_local_main,
+                                      wait_fn=rt.barrier)
+    empty = None
+    if a.proportion_empty_prompts:
+        empty = {k: v[0] for k, v in encode_prompts([""]).items()}
+    task.release_encoders()
+    t.cache_info = {"folder": cache.folder, "hit": cache.hit}
+    return CachedDataset(cache, a.seed, a.random_flip, a.proportion_empty_prompts, empty)
+
+
+def optimizer_and_schedule(t, module) -> None:
+    from diffusers.optimization import get_scheduler
+
+    from ..optim import build_optimizer
+
+    a, rt = t.args, t.rt
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError(f"the {t.task.name} task has no trainable parameters")
+    lr = a.learning_rate
+    if a.scale_lr:
+        lr = lr * a.train_batch_size * a.gradient_accumulation_steps * rt.world_size
+    t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
+                                  eps=a.adam_epsilon, weight_decay=a.adam_weight_decay)
+    try:
+        t.lr_scheduler = get_scheduler(a.lr_scheduler, t.optimizer, num_warmup_steps=a.lr_warmup_steps,
+                                       num_training_steps=a.max_train_steps, num_cycles=a.lr_num_cycles,
+                                       power=a.lr_power)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--lr_scheduler {a.lr_scheduler}: {e}") from None
+
+
+def engine(t, module) -> None:
+    """``accelerator.prepare``: DDP / FSDP / DeepSpeed wrap the module (one process: nothing to wrap)."""
+    from .engine import make_accelerator
+
+    a, rt = t.args, t.rt
+    t.accelerator = make_accelerator(a, module, a.device, rt.world_size)
+    if rt.world_size == 1:
+        t.model = module.to(rt.device)
+    elif t.deepspeed:
+        t.model, t.optimizer, t.lr_scheduler = t.accelerator.prepare(module, t.optimizer, t.lr_scheduler)
+    else:
+        # The raw optimizer stays ours: precision (autocast, GradScaler) is done by the Trainer, and under
+        # FSDP accelerate swaps the optimizer's parameters for their shards in place.
+        t.model, _ = t.accelerator.prepare(module, t.optimizer)
+    t.params = [p for p in t.accelerator.unwrap_model(t.model).parameters() if p.requires_grad] \
+        if not t.deepspeed else [p for p in t.model.parameters() if p.requires_grad]
+
+
+def ema(t) -> None:
+    from .ema import EMA
+
+    a = t.args
+    if a.use_ema:
+        model = t.task.ema_model()
+        if model is None:
+            raise UsageError(f"--use_ema is not available for {t.task.name}")
+        t.ema = EMA(model, a.ema_decay, offload=a.offload_ema, foreach=a.foreach_ema)
+
+
+def trackers(t) -> None:
+    a, rt = t.args, t.rt
+    if rt.is_main and a.report_to not in ("none", ""):
+        cfg = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        t.accelerator.init_trackers(a.tracker_project_name or f"diffusers_npu_{t.task.name}", config=cfg)
+
+
+def output_folder(t) -> None:
+    """Check --output_dir is writable and collect what killed runs left there (main process)."""
+    a, rt = t.args, t.rt
+    if rt.is_main:
+        ckpt.check_writable(a.output_dir)
+        for path in ckpt.collect_stale(a.output_dir):
+            logger.info("removed what an interrupted run left behind: %s", path)
+    rt.barrier()
+
+
+def enable_gradient_checkpointing(model, fraction: float = 1.0) -> None:
+    """Checkpoint all blocks of a UNet-like model, or only the outermost ``fraction`` of them (largest
+    activations first, as the original port's partial checkpointing)."""
+    model.enable_gradient_checkpointing()
+    if fraction >= 1.0 or not hasattr(model, "down_blocks"):
+        return
+    down = list(model.down_blocks)
+    up = list(getattr(model, "up_blocks", []))[::-1]
+    order = [b for pair in zip(down, up) for b in pair] + down[len(up):] + \
+        ([model.mid_block] if getattr(model, "mid_block", None) is not None else [])
+    keep = max(0, round(len(order) * fraction))
+    for block in order[keep:]:
+        for m in block.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False

@@ -1,0 +1,217 @@
+"""Model weights in and out of diffusers format, whatever engine holds them.
+
+Under DDP (or one process) every rank holds whole tensors: the main process writes. Under FSDP2 every
+parameter is a ``DTensor`` sharded on dim 0, and nothing here gathers the whole model on one rank:
+
+* :func:`save_pretrained` writes diffusers' *sharded* layout (``diffusion_pytorch_model-0000r-of-0000W``
+  files plus ``diffusion_pytorch_model.safetensors.index.json``): tensor ``i`` belongs to rank ``i % W``;
+  every rank joins the all-gather of each tensor (one full tensor in memory at a time) and keeps only the
+  tensors it owns, which it then writes. ``from_pretrained`` reads the result like any sharded checkpoint.
+* :func:`load_pretrained` reads a single-file or sharded diffusers folder tensor by tensor and copies each
+  rank's own slice (``torch.chunk`` along dim 0, FSDP2's sharding) into the local shard.
+
+All functions must be called on EVERY rank when the model is sharded (they contain collectives).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+from ..errors import CheckpointError
+
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX_SUFFIX = ".index.json"
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (an all-gather for a DTensor: every rank must call this)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def gathered_state_dict(module: torch.nn.Module, only: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Whole tensors on the CPU of every rank (collective under FSDP). For small state (LoRA adapters,
+    embedding rows); use :func:`save_pretrained` for whole models."""
+    keep = set(only) if only is not None else None
+    out = {}
+    for name, t in module.state_dict().items():
+        if keep is not None and name not in keep:
+            continue
+        out[name] = full_tensor(t).detach().cpu().clone()
+    return out
+
+
+def _dedupe(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): keep the first of each storage."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.contiguous()
+    return out
+
+
+def save_state_dict(sd: Dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> str:
+    from safetensors.torch import save_file
+
+    save_file(_dedupe({k: v.detach().cpu() for k, v in sd.items()}), path, metadata=metadata)
+    return path
+
+
+def weights_name_for(model) -> str:
+    """diffusers models keep ``diffusion_pytorch_model.safetensors``, transformers models ``model.safetensors``."""
+    return SAFE_WEIGHTS if hasattr(model, "save_config") else "model.safetensors"
+
+
+def _save_config(model, folder: str) -> None:
+    if hasattr(model, "save_config"):
+        model.save_config(folder)  # diffusers ModelMixin
+    else:
+        model.config.save_pretrained(folder)  # transformers PreTrainedModel
+
+
+def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str, torch.Tensor]] = None,
+                    weights_name: Optional[str] = None) -> None:
+    """Write ``model`` (or ``state``, a state dict with the model's keys, e.g. EMA weights) as a diffusers /
+    transformers model folder. Collective when sharded; otherwise only the main process writes."""
+    weights_name = weights_name or weights_name_for(model)
+    sd = state if state is not None else model.state_dict()
+    sharded = any(_is_dtensor(v) for v in sd.values())
+    if not sharded:
+        if is_main:
+            os.makedirs(folder, exist_ok=True)
+            _save_config(model, folder)
+            save_state_dict(sd, os.path.join(folder, weights_name), metadata={"format": "pt"})
+        return
+    rank, world = _dist()
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(weights_name)
+    files = [f"{stem}-{r + 1:05d}-of-{world:05d}{ext}" for r in range(world)]
+    mine, weight_map, total = {}, {}, 0
+    for i, (name, t) in enumerate(sd.items()):
+        whole = full_tensor(t)  # collective: every rank, every tensor, same order
+        owner = i % world
+        weight_map[name] = files[owner]
+        total += whole.numel() * whole.element_size()
+        if owner == rank:
+            mine[name] = whole.detach().cpu().clone()
+        del whole
+    save_state_dict(mine, os.path.join(folder, files[rank]), metadata={"format": "pt"})
+    if is_main:
+        _save_config(model, folder)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(folder, weights_name + INDEX_SUFFIX), "w") as f:
+            json.dump(index, f, indent=1)
+
+
+def _weight_files(folder: str, weights_name: str = SAFE_WEIGHTS) -> Tuple[Dict[str, str], bool]:
+    """key -> file for a diffusers model folder (single file or sharded with an index)."""
+    index = os.path.join(folder, weights_name + INDEX_SUFFIX)
+    single = os.path.join(folder, weights_name)
+    if os.path.isfile(index):
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        return {k: os.path.join(folder, v) for k, v in wm.items()}, True
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}, False
+    raise CheckpointError(f"{folder} holds no {weights_name} (nor its sharded index)")
+
+
+def load_pretrained(model: torch.nn.Module, folder: str, target: Optional[Dict[str, torch.Tensor]] = None,
+                    weights_name: Optional[str] = None, allow_missing: Iterable[str] = ()) -> None:
+    """Copy the weights of a diffusers / transformers model folder into ``model`` (or into ``target``, a dict of
+    tensors with the model's keys, e.g. EMA shadows), shard-aware. Names the folder on any mismatch."""
+    from safetensors import safe_open
+
+    weights_name = weights_name or weights_name_for(model)
+    files, _ = _weight_files(folder, weights_name)
+    dest = target if target is not None else model.state_dict()
+    missing = [k for k in dest if k not in files and k not in set(allow_missing)]
+    unexpected = [k for k in files if k not in dest]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not match the model being trained (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}): was it written for another model or task?")
+    handles = {}
+    try:
+        for name, t in dest.items():
+            if name not in files:
+                continue
+            f = handles.get(files[name])
+            if f is None:
+                f = handles[files[name]] = safe_open(files[name], "pt")
+            copy_into(t, f.get_tensor(name), name, folder)
+    finally:
+        handles.clear()
+
+
+def copy_into(t: torch.Tensor, src: torch.Tensor, name: str, where: str) -> None:
+    """Copy the whole tensor ``src`` into ``t`` (this rank's dim-0 chunk when ``t`` is a shard)."""
+    if tuple(src.shape) != tuple(t.shape):
+        raise CheckpointError(f"{where}: tensor {name} has shape {tuple(src.shape)} but the model being trained has "
+                              f"{tuple(t.shape)}: was it written for another model?")
+    local = local_tensor(t)
+    if _is_dtensor(t) and local.shape != src.shape:
+        rank, world = _dist()
+        src = torch.chunk(src, world, dim=0)[rank]
+    with torch.no_grad():
+        local.copy_(src.to(local.dtype))
+
+
+def load_state_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Copy whole tensors (by state-dict name) into ``module``, shard-aware."""
+    dest = module.state_dict()
+    unknown = [k for k in state if k not in dest]
+    if unknown:
+        raise CheckpointError(f"{where}: holds tensors the model being trained does not have ({unknown[:3]})")
+    for name, src in state.items():
+        copy_into(dest[name], src, name, where)
+
+
+def full_copy(model, is_main: bool):
+    """An unsharded copy of ``model`` on the CPU of the main process (None elsewhere); collective under FSDP.
+    The model itself when it is not sharded."""
+    if not is_sharded(model):
+        return model
+    sd = {}
+    for name, t in model.state_dict().items():
+        whole = full_tensor(t)
+        if is_main:
+            sd[name] = whole.detach().cpu().clone()
+        del whole
+    if not is_main:
+        return None
+    # fully_shard swaps the class for a generated FSDP subclass; rebuild the plain diffusers class.
+    cls = next((c for c in type(model).__mro__ if not c.__name__.startswith("FSDP") and hasattr(c, "from_config")),
+               None)
+    if cls is None:
+        raise TypeError(f"cannot rebuild {type(model).__name__} from its config")
+    copy = cls.from_config(model.config)
+    copy.load_state_dict(sd)
+    return copy

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Text-guided inpainting inference (StableDiffusionInpaintPipeline).
+"""Text-guided inpainting inference (StableDiffusionInpaintPipeline; StableDiffusionXLInpaintPipeline for
+SDXL folders). --lora loads LoRA weights.
 
 Flags instead of code edits: run with --help. Same as `diffusers-npu generate inpainting ...`;
 all logic lives in diffusers_npu.inference.

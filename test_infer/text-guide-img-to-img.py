@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Text-guided image-to-image inference (StableDiffusionImg2ImgPipeline).
+"""Text-guided image-to-image inference (StableDiffusionImg2ImgPipeline; StableDiffusionXLImg2ImgPipeline
+for SDXL folders). --lora loads LoRA weights.
 
 Flags instead of code edits: run with --help. Same as `diffusers-npu generate img2img ...`;
 all logic lives in diffusers_npu.inference.

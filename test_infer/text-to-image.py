@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Text-to-image inference (LDM text2im as in the original, Stable Diffusion, or any pipeline
-whose model_index.json declares a text-to-image class).
+"""Text-to-image inference (LDM text2im as in the original, Stable Diffusion, Stable Diffusion XL with an
+optional --refiner, or any pipeline whose model_index.json declares a text-to-image class). --lora loads
+LoRA weights.
 
 Flags instead of code edits: run with --help. Same as `diffusers-npu generate text-to-image ...`;
 all logic lives in diffusers_npu.inference.

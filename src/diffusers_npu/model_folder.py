@@ -42,6 +42,8 @@ def looks_local(path: str) -> bool:
 
 def read_model_index(folder: str, flag: str) -> dict:
     index_path = os.path.join(folder, "model_index.json")
+    if os.path.isfile(folder):
+        raise ModelError(f"{flag}: {folder} is a file; expected a diffusers pipeline folder with model_index.json")
     if not os.path.isdir(folder):
         raise ModelError(f"{flag}: {folder} does not exist (expected a diffusers pipeline folder with "
                          f"model_index.json)")

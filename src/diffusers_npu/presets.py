@@ -7,17 +7,28 @@ Presets:
   sd15      -- the SD 1.5 architecture (UNet 860M, CLIP ViT-L text encoder)
   sd21-base -- the SD 2.1-base architecture (512 px, OpenCLIP-H text encoder, linear projections)
   sd21      -- the SD 2.1 architecture (768 px, v-prediction)
+  sdxl-tiny -- a few-MB Stable Diffusion XL for tests: two small CLIP text encoders (CLIPTextModel +
+               CLIPTextModelWithProjection) sharing the whole-word tokenizer, a tiny UNet with SDXL's
+               ``text_time`` micro-conditioning, tiny's f=2 VAE
+  sdxl      -- the SDXL 1.0 base architecture (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG text encoders, 1024 px)
+  sdxl-digits -- the embedded SDXL default (see :mod:`diffusers_npu.embedded_sdxl`): the SDXL architecture at
+               the digits model's size (16 px, the digits model's fitted f=2 VAE, two small text encoders with
+               the whole-word tokenizer)
 
 Every preset returns the same dict of components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
-``noise_scheduler``) so tests, benchmarks and the embedded default share one builder.
+``noise_scheduler``; SDXL presets also ``text_encoder_2`` and ``tokenizer_2``) so tests, benchmarks and the
+embedded default share one builder. The tiny test pipelines of every kind (inpainting, depth, LDM, DDPM,
+SDXL, ControlNet, ...) are made by :func:`build_test_pipeline` from these configs.
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
-PRESETS = ("tiny", "digits", "sd15", "sd21-base", "sd21")
+PRESETS = ("tiny", "digits", "sd15", "sd21-base", "sd21", "sdxl-tiny", "sdxl", "sdxl-digits")
+SDXL_PRESETS = ("sdxl-tiny", "sdxl", "sdxl-digits")
 
 # The scheduler settings Stable Diffusion was trained with. DDPMScheduler's defaults (linear betas,
 # clip_sample=True) silently ruin latent-space sampling, so every preset uses these instead.
@@ -47,6 +58,13 @@ class Preset:
     prediction_type: str = "epsilon"
     vae_scaling_factor: float = 0.18215
     extra_words: tuple = field(default_factory=tuple)
+    # SDXL: the second text encoder (CLIPTextModelWithProjection); its pooled, projected output and the
+    # micro-conditioning time ids feed the UNet's ``text_time`` embedding.
+    text_2: Optional[dict] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_2 is not None
 
 
 def _sd_unet(block_out, cross_dim, head_dim, linear_proj=False, sample_size=64):
@@ -76,6 +94,44 @@ _SD_VAE = dict(
 )
 
 
+_TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+# SDXL's UNet gets 6 time ids (original size, crop top-left, target size), each embedded with
+# ``addition_time_embed_dim`` sinusoids, concatenated with the pooled projection of text encoder 2.
+SDXL_TIME_IDS = 6
+
+
+def _sdxl_unet(block_out, cross_dim, head_dim, layers, time_dim, pooled_dim, sample_size, **extra):
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out) - 1)
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        block_out_channels=block_out,
+        layers_per_block=layers,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=head_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=SDXL_TIME_IDS * time_dim + pooled_dim,
+        **extra,
+    )
+
+
 def get_preset(name: str) -> Preset:
     if name == "tiny":
         return Preset(
@@ -93,18 +149,8 @@ def get_preset(name: str) -> Preset:
                 attention_head_dim=8,
                 norm_num_groups=16,
             ),
-            vae=dict(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(16, 32),
-                layers_per_block=1,
-                latent_channels=4,
-                norm_num_groups=8,
-                sample_size=32,
-            ),
-            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+            vae=dict(_TINY_VAE),
+            text=dict(_TINY_TEXT),
             tokenizer_max_length=16,
             extra_words=EMBEDDED_WORDS,
         )
@@ -158,6 +204,51 @@ def get_preset(name: str) -> Preset:
             text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                       hidden_act="gelu", projection_dim=512),
             prediction_type="epsilon" if name == "sd21-base" else "v_prediction",
+        )
+    if name == "sdxl-tiny":
+        text_2 = dict(_TINY_TEXT, projection_dim=32)
+        return Preset(
+            name="sdxl-tiny",
+            resolution=32,
+            # cross attention sees both encoders' hidden states side by side: 32 + 32
+            unet=_sdxl_unet((32, 64), 64, (2, 4), 1, 8, text_2["projection_dim"], 16, norm_num_groups=16),
+            vae=dict(_TINY_VAE, force_upcast=True),
+            text=dict(_TINY_TEXT),
+            text_2=text_2,
+            tokenizer_max_length=16,
+            vae_scaling_factor=0.13025,
+            extra_words=EMBEDDED_WORDS,
+        )
+    if name == "sdxl":
+        # stabilityai/stable-diffusion-xl-base-1.0: cross attention 768 + 1280 = 2048, 10 transformer layers at
+        # the lowest resolution, 256-dim time-id embeddings (6 x 256 + 1280 = 2816)
+        return Preset(
+            name="sdxl",
+            resolution=1024,
+            unet=_sdxl_unet((320, 640, 1280), 2048, (5, 10, 20), 2, 256, 1280, 128,
+                            transformer_layers_per_block=(1, 2, 10)),
+            vae=dict(_SD_VAE, sample_size=1024, force_upcast=True),
+            text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu", projection_dim=768),
+            text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                        hidden_act="gelu", projection_dim=1280),
+            vae_scaling_factor=0.13025,
+        )
+    if name == "sdxl-digits":
+        # The embedded SDXL default: the digits model's VAE (so the shipped fitted VAE loads into it), two
+        # 64-wide text encoders (cross attention sees 64 + 64), and a UNet whose pooled-text + time-id embedding
+        # tells every ResNet block which digit is asked for.
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        text_2 = dict(text, projection_dim=64)
+        return Preset(
+            name="sdxl-digits",
+            resolution=16,
+            unet=_sdxl_unet((64, 128), 128, 8, 1, 16, text_2["projection_dim"], 8, norm_num_groups=32),
+            vae=dict(get_preset("digits").vae),
+            text=text,
+            text_2=text_2,
+            tokenizer_max_length=16,
+            extra_words=EMBEDDED_WORDS,
         )
     raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
 
@@ -226,7 +317,8 @@ def build_tokenizer(folder: str, words=EMBEDDED_WORDS, max_length: int = 16):
 def build_components(name: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None,
                      with_tokenizer: bool = True) -> dict:
     """Instantiate a preset with random weights (seeded). Returns unet, vae, text_encoder, tokenizer,
-    noise_scheduler. Large presets skip the tokenizer unless a folder is given (vocab size comes from it)."""
+    noise_scheduler, preset (SDXL presets also text_encoder_2 and tokenizer_2, the same whole-word tokenizer).
+    Large presets skip the tokenizer unless a folder is given (vocab size comes from it)."""
     import tempfile
 
     import torch
@@ -241,28 +333,109 @@ def build_components(name: str = "tiny", seed: int = 0, tokenizer_dir: str | Non
         tokenizer = build_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="dnpu-tok-"), p.extra_words,
                                     p.tokenizer_max_length)
         vocab_size = len(tokenizer)
-    text_config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=p.tokenizer_max_length,
-                                 bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                                 **p.text)
-    text_encoder = CLIPTextModel(text_config)
+
+    def text_config(spec):
+        return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=p.tokenizer_max_length,
+                              bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                              **spec)
+
+    # Creation order = random-number order: tiny and digits must keep their exact weights (the embedded
+    # default is built from them), so the second text encoder comes last.
+    text_encoder = CLIPTextModel(text_config(p.text))
     unet = UNet2DConditionModel(**p.unet)
     vae = AutoencoderKL(**p.vae, scaling_factor=p.vae_scaling_factor)
     scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=p.prediction_type)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
-                preset=p)
+    comps = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
+                 preset=p)
+    if p.is_sdxl:
+        from transformers import CLIPTextModelWithProjection
+
+        comps.update(text_encoder_2=CLIPTextModelWithProjection(text_config(p.text_2)), tokenizer_2=tokenizer)
+    return comps
 
 
-def save_pipeline_folder(components: dict, folder: str, inference_scheduler: str = "DDIMScheduler") -> str:
-    """Save components as a StableDiffusionPipeline folder (no safety checker) and return the folder."""
+def inference_scheduler_for(components: dict, name: Optional[str] = None):
+    """The sampling scheduler a saved pipeline gets: ``name`` (a diffusers class), else DDIM for SD and
+    Euler ("leading" spacing, as SDXL 1.0 ships) for SDXL, configured from the training noise schedule."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    sched_cls = getattr(diffusers, inference_scheduler)
-    scheduler = sched_cls.from_config(components["noise_scheduler"].config, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    config = components["noise_scheduler"].config
+    sdxl = "text_encoder_2" in components
+    cls = getattr(diffusers, name or ("EulerDiscreteScheduler" if sdxl else "DDIMScheduler"))
+    extra = {"timestep_spacing": "leading"} if sdxl else {"set_alpha_to_one": False}
+    return cls.from_config(config, **extra)
+
+
+def save_pipeline_folder(components: dict, folder: str, inference_scheduler: Optional[str] = None) -> str:
+    """Save components as a StableDiffusionPipeline folder (no safety checker), or a StableDiffusionXLPipeline
+    folder for SDXL components, and return the folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = inference_scheduler_for(components, inference_scheduler)
+    if "text_encoder_2" in components:
+        pipe = StableDiffusionXLPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"],
+            text_encoder_2=components["text_encoder_2"], tokenizer=components["tokenizer"],
+            tokenizer_2=components["tokenizer_2"], unet=components["unet"], scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            unet=components["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_preset_folder(name: str, folder: str, seed: int = 0, dtype=None, scheduler: Optional[str] = None,
+                        work_dir: Optional[str] = None) -> str:
+    """Write preset ``name`` with random weights (``seed``) as a pipeline folder that ``--model`` accepts. Large
+    presets get a whole-word CLIP tokenizer over a small vocabulary (their text encoders keep the real 49408
+    embeddings). ``dtype`` (a torch dtype) casts the weights before saving: half the disk in fp16.
+    ``python -m diffusers_npu.presets NAME FOLDER`` does the same from a shell (see :func:`main`)."""
+    import shutil
+    import tempfile
+
+    p = get_preset(name)
+    work = tempfile.mkdtemp(prefix="dnpu-preset-", dir=work_dir)
+    try:
+        comps = build_components(name, seed=seed, tokenizer_dir=os.path.join(work, "tokenizer"))
+        if comps["tokenizer"] is None:
+            comps["tokenizer"] = build_tokenizer(os.path.join(work, "tokenizer"), max_length=p.tokenizer_max_length)
+            if p.is_sdxl:
+                comps["tokenizer_2"] = comps["tokenizer"]
+        if dtype is not None:
+            for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                if key in comps:
+                    comps[key].to(dtype)
+        return save_pipeline_folder(comps, folder, inference_scheduler=scheduler)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_test_pipeline(kind: str, folder: str, seed: int = 0) -> str:
+    """Write a tiny random-weight pipeline (or component folder) of ``kind`` into ``folder`` for tests and
+    smoke runs; see :data:`diffusers_npu.tiny_pipelines.KINDS`. Returns ``folder``."""
+    from .tiny_pipelines import build
+
+    return build(kind, folder, seed)
+
+
+def main(argv=None) -> int:
+    """``python -m diffusers_npu.presets NAME FOLDER [--seed S] [--scheduler CLASS]``: write a preset folder."""
+    from .cliutil import ArgumentParser, run_main
+
+    parser = ArgumentParser(prog="python -m diffusers_npu.presets",
+                            description="Write a preset architecture with random weights as a pipeline folder.")
+    parser.add_argument("name", choices=PRESETS, help="the preset")
+    parser.add_argument("folder", help="where to write the pipeline folder")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed")
+    parser.add_argument("--scheduler", default=None,
+                        help="diffusers scheduler class of the folder (default: DDIM for SD, Euler for SDXL)")
+    return run_main(lambda: print(write_preset_folder(**vars(parser.parse_args(argv)))))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,14 +1,19 @@
-"""Inference throughput harness: the plain diffusers Stable Diffusion pipeline versus our fast path.
+"""Inference throughput harness: the plain diffusers pipeline versus what ``diffusers-npu generate`` runs.
 
-Both variants run the same ``StableDiffusionPipeline`` object, built directly from a preset's components with
-random weights (no downloads), in the same dtype (fp16 on CUDA/NPU, fp32 on CPU), scheduler and guidance:
+The preset's architecture is built with random weights (no downloads), saved as a pipeline folder in the run's
+dtype (:func:`diffusers_npu.presets.save_pipeline_folder`: StableDiffusionPipeline, or StableDiffusionXLPipeline
+for ``sdxl`` / ``sdxl-tiny``), and loaded with the SAME function ``generate`` uses
+(:func:`diffusers_npu.inference.load_pipeline`: device, dtype). Both variants then run that one pipeline
+object, with the same scheduler and guidance:
 
 ``plain``
-    The pipeline as diffusers builds it: stock attention processors, contiguous (NCHW) memory format, eager.
+    The pipeline as diffusers loads it: stock attention processors, contiguous (NCHW) memory format, eager.
 ``ours``
-    ``set_attention(unet/vae, "flash")`` (the device's fused attention), channels_last UNet and VAE, and on
-    CUDA ``torch.compile(unet, mode="max-autotune")`` (Triton autotuning + CUDA graphs; ``--compile`` decides;
-    off by default on CPU and NPU, where inductor brings no CUDA graphs).
+    After :func:`diffusers_npu.inference.speed_up` -- THE speed-up function of ``generate`` and the
+    ``test_infer`` scripts -- with ``--attention``, ``--channels_last`` (auto: generate's policy) and
+    ``--compile`` (auto = on for CUDA only, mode ``max-autotune``: Triton autotuning + CUDA graphs).
+
+The JSON records the equivalent ``diffusers-npu generate`` command of the ``ours`` variant.
 
 Per variant and batch size: one warm-up call (``--warmup_steps`` denoising steps; compilation and CUDA-graph
 recording happen there and are reported as the warm-up seconds), then ``--repeats`` timed calls of ``--steps``
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -27,6 +33,7 @@ import time
 
 import torch
 
+from ..presets import PRESETS
 from . import common
 
 VARIANTS = ("plain", "ours")
@@ -35,78 +42,76 @@ VARIANTS = ("plain", "ours")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer_throughput.py",
-        description="Stable Diffusion inference it/s and s/image: plain diffusers pipeline vs the diffusers-npu "
-                    "fast path, on a randomly initialised preset (no downloads).",
+        description="Stable Diffusion (XL) inference it/s and s/image: plain diffusers pipeline vs what "
+                    "diffusers-npu generate runs, on a randomly initialised preset (no downloads).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="sd21-base", choices=("tiny", "digits", "sd15", "sd21-base", "sd21"))
+    p.add_argument("--preset", default="sd21-base", choices=PRESETS, help="architecture (random weights)")
     p.add_argument("--resolution", type=int, default=None, help="image side; default: the preset's")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per timed call")
     p.add_argument("--batch_sizes", default="1,4", help="comma-separated images per call")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per variant and batch size")
     p.add_argument("--warmup_steps", type=int, default=3, help="denoising steps of the untimed warm-up call")
     p.add_argument("--variants", default="plain,ours", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"], help="where to run")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights and compute dtype of both variants; auto = fp16 on CUDA/NPU, fp32 on CPU")
     p.add_argument("--attention", default="flash", choices=["auto", "flash", "upcast", "default"],
-                   help="our variant's attention (diffusers_npu.set_attention)")
-    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
-                   help="our variant: channels_last UNet and VAE")
+                   help="our variant's attention (generate's --attention; auto is the same as flash on CUDA and "
+                        "on NPU in half precision)")
+    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="our variant: channels_last UNet/VAE; auto = generate's policy (on for CUDA or when "
+                        "compiling)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="our variant: torch.compile the UNet; auto = on for CUDA only")
-    p.add_argument("--compile_mode", default="max-autotune",
-                   help="torch.compile mode ('max-autotune' = autotuned kernels + CUDA graphs)")
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="DDIMScheduler", help="diffusers scheduler class for both variants")
+                   help="our variant: torch.compile the UNet (generate's --compile); auto = on for CUDA only")
+    p.add_argument("--compile_mode", default=None,
+                   help="torch.compile mode; default: generate's ('max-autotune' on CUDA = autotuned kernels + "
+                        "CUDA graphs, torch's default elsewhere)")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", default=None,
+                   help="diffusers scheduler class for both variants; default: the one save_pipeline_folder "
+                        "gives the preset (DDIM for SD, Euler for SDXL)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; default 1 on CPU (multi-threaded kernels on small tensors are slower "
                         "and erratic on a shared machine), torch's choice elsewhere")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights and noise seed")
     return p
 
 
-def build_pipeline(preset_name: str, seed: int, tmp: str, scheduler: str = "DDIMScheduler"):
-    import diffusers
-    from diffusers import StableDiffusionPipeline
+def build_pipeline(preset_name: str, seed: int, tmp: str, device: str, dtype_name: str,
+                   scheduler: str | None = None):
+    """The preset as a pipeline folder in ``tmp``, loaded by ``generate``'s loader without speed-ups."""
+    from ..inference import load_pipeline, torch_dtype
+    from ..presets import get_preset, write_preset_folder
 
-    from ..presets import build_components, build_tokenizer, get_preset
-
-    preset = get_preset(preset_name)
-    comps = build_components(preset_name, seed=seed, tokenizer_dir=os.path.join(tmp, "tokenizer"))
-    tokenizer = comps["tokenizer"] or build_tokenizer(os.path.join(tmp, "tokenizer"),
-                                                      max_length=preset.tokenizer_max_length)
-    sched = getattr(diffusers, scheduler).from_config(comps["noise_scheduler"].config)
-    pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=tokenizer,
-                                   unet=comps["unet"], scheduler=sched, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    folder = write_preset_folder(preset_name, os.path.join(tmp, "model"), seed=seed, dtype=torch_dtype(dtype_name),
+                                 scheduler=scheduler, work_dir=tmp)
+    pipe = load_pipeline(folder, task="text-to-image", device=device, dtype=dtype_name, speed=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, preset
+    return pipe, get_preset(preset_name)
 
 
-def make_fast(pipe, device: str, attention: str, channels_last: bool, compile_unet: bool, compile_mode: str):
-    """Our inference fast path, applied in place. Returns a description of what was done."""
-    from ..attention import set_attention
-
-    done = [f"attention={attention}"]
-    set_attention(pipe.unet, attention)
-    set_attention(pipe.vae, attention)
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-        done.append("channels_last")
+def generate_command(a, resolution: int, dtype_name: str, compile_unet: bool, device: str) -> str:
+    """The commands that run what the ``ours`` variant measures (``generate`` makes one image a call)."""
+    folder = f"{a.preset}-seed{a.seed}"
+    make = f"python -m diffusers_npu.presets {a.preset} {folder} --seed {a.seed}"
+    if a.scheduler_flag:
+        make += f" --scheduler {a.scheduler_flag}"
+    argv = ["diffusers-npu", "generate", "text-to-image", "--model", folder,
+            "--prompt", PROMPT, "--device", device, "--dtype", dtype_name, "--attention", a.attention,
+            "--num_inference_steps", str(a.steps), "--guidance_scale", str(a.guidance_scale),
+            "--height", str(resolution), "--width", str(resolution)]
     if compile_unet:
-        kw = {"dynamic": False}
-        if compile_mode:
-            kw["mode"] = compile_mode
-        pipe.unet = torch.compile(pipe.unet, **kw)
-        done.append(f"torch.compile(mode={compile_mode})")
-    return ", ".join(done)
+        argv.append("--compile")
+    return f"{make} && " + " ".join(shlex.quote(x) for x in argv)
+
+
+PROMPT = "a photo of the handwritten digit seven in the style of a picture"
 
 
 def measure(pipe, device: str, batch: int, resolution: int, steps: int, warmup_steps: int, repeats: int,
             guidance_scale: float, seed: int) -> dict:
-    prompts = ["a photo of the handwritten digit seven in the style of a picture"] * batch
+    prompts = [PROMPT] * batch
     marks = {}
 
     def on_step_end(p, i, t, kwargs):
@@ -149,13 +154,14 @@ def main(argv=None) -> dict:
 
 def _main(a) -> dict:
     from ..device import supports_bf16
+    from ..inference import library_noise_filtered, speed_up
+    from ..inference.speedup import channels_last_policy
 
-    device = common.resolve_device(a.device)
+    device = a.device  # resolved by common.run_on_device
     accel = device != "cpu"
     dtype_name = a.dtype if a.dtype != "auto" else ("fp16" if accel else "fp32")
     if dtype_name == "bf16" and not supports_bf16(device):
         raise SystemExit(f"error: --dtype bf16 is not supported on this {device}")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     batches = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     if not batches or min(batches) < 1 or a.steps < 2 or a.repeats < 1:
@@ -163,34 +169,36 @@ def _main(a) -> dict:
     if not variants or any(v not in VARIANTS for v in variants):
         raise SystemExit(f"error: --variants: choose from {','.join(VARIANTS)}")
     compile_unet = a.compile == "on" or (a.compile == "auto" and device == "cuda")
+    channels_last = {"on": True, "off": False}.get(a.channels_last, channels_last_policy(device, compile_unet))
 
     tmp = tempfile.mkdtemp(prefix="dnpu-bench-infer-")
     try:
-        pipe, preset = build_pipeline(a.preset, a.seed, tmp, a.scheduler)
+        with library_noise_filtered():
+            pipe, preset = build_pipeline(a.preset, a.seed, tmp, device, dtype_name, a.scheduler)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     resolution = a.resolution or preset.resolution
     if resolution % 8:
         raise SystemExit(f"error: --resolution must be divisible by 8 (got {resolution})")
-    pipe.to(device)
-    pipe.unet.to(dtype=dtype)
-    pipe.vae.to(dtype=dtype)
-    pipe.text_encoder.to(dtype=dtype)
+    a.scheduler_flag, a.scheduler = a.scheduler, type(pipe.scheduler).__name__
     env = common.environment(device)
     print(f"infer_throughput: preset {a.preset}, {resolution} px, {a.steps} steps, batches {batches}, {dtype_name}, "
           f"{a.scheduler}, guidance {a.guidance_scale}, device {env['device_name']}", flush=True)
 
     rows = []
+    command = generate_command(a, resolution, dtype_name, compile_unet, device)
     for variant in VARIANTS:
         if variant not in variants:
             continue
         how = "diffusers defaults"
         if variant == "ours":
-            how = make_fast(pipe, device, a.attention, a.channels_last, compile_unet, a.compile_mode)
+            how = ", ".join(speed_up(pipe, device, attention=a.attention, channels_last=channels_last,
+                                     compile=compile_unet, compile_mode=a.compile_mode, quiet=True))
         for batch in batches:
             try:
-                r = measure(pipe, device, batch, resolution, a.steps, a.warmup_steps, a.repeats,
-                            a.guidance_scale, a.seed)
+                with library_noise_filtered():
+                    r = measure(pipe, device, batch, resolution, a.steps, a.warmup_steps, a.repeats,
+                                a.guidance_scale, a.seed)
                 print(f"  {variant} batch {batch}: {r['its_per_sec']:.2f} it/s, {r['seconds_per_image']:.3f} "
                       f"s/image (warm-up {r['warmup_s']:.1f} s)", flush=True)
             except Exception as e:  # keep the other rows (OOM, compile failure)
@@ -199,14 +207,14 @@ def _main(a) -> dict:
             r.update(variant=variant, setup=how)
             rows.append(r)
             if a.json:  # results so far, so a run cut short by a time limit still leaves its figures
-                common.write_json(a.json, _result(a, rows, resolution, batches, dtype_name, compile_unet, device,
-                                                  env))
+                common.write_json(a.json, _result(a, rows, resolution, batches, dtype_name, compile_unet,
+                                                  channels_last, device, env, command))
 
-    result = _result(a, rows, resolution, batches, dtype_name, compile_unet, device, env)
+    result = _result(a, rows, resolution, batches, dtype_name, compile_unet, channels_last, device, env, command)
     return common.publish(result, format_results(result), a.json)
 
 
-def _result(a, rows, resolution, batches, dtype_name, compile_unet, device, env) -> dict:
+def _result(a, rows, resolution, batches, dtype_name, compile_unet, channels_last, device, env, command) -> dict:
     for r in rows:
         base = next((p for p in rows if p["variant"] == "plain" and p["batch"] == r["batch"]
                      and "its_per_sec" in p), None)
@@ -217,8 +225,10 @@ def _result(a, rows, resolution, batches, dtype_name, compile_unet, device, env)
         "config": {"preset": a.preset, "resolution": resolution, "steps": a.steps, "batch_sizes": batches,
                    "repeats": a.repeats, "warmup_steps": a.warmup_steps, "dtype": dtype_name,
                    "scheduler": a.scheduler, "guidance_scale": a.guidance_scale, "attention": a.attention,
-                   "channels_last": a.channels_last, "compile": compile_unet, "compile_mode": a.compile_mode,
+                   "channels_last": channels_last, "compile": compile_unet, "compile_mode": a.compile_mode,
                    "seed": a.seed},
+        # what users run to get the "ours" figures (generate makes one image a call: batch 1)
+        "generate_command": command,
         "peak_memory_kind": common.memory_kind(device).replace("during the mode", "during the measurement"),
         "environment": env,
         "runs": rows,

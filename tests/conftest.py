@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process: the suite's models are tiny, the machine has 2 shared cores, and a fixed
+# count keeps runs deterministic and free of the trainer's thread probe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One embedded model/data set for the whole session (made once, ~1 minute), unless the caller shares one.
 if "DIFFUSERS_NPU_HOME" not in os.environ:
     os.environ["DIFFUSERS_NPU_HOME"] = tempfile.mkdtemp(prefix="dnpu-test-home-")

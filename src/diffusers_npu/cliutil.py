@@ -27,7 +27,8 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if "%(default)" in text or re.search(r"\bdefaults?\b", text, re.IGNORECASE):
             return text
-        if action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or action.option_strings == []:  # identity: 0 == False would hide "(default: 0)"
             return text
         if isinstance(action, argparse._StoreTrueAction):
             return text

@@ -26,14 +26,14 @@ def task_class(task):
     return get_task(task)
 
 
-def prepare_args(task_cls, argv=None, preemption=None):
+def prepare_args(task_cls, argv=None, prog=None):
     """Parse and resolve the flags of one run (embedded default made first when needed)."""
     from ..device import detect_device
     from ..errors import UsageError
     from .config import device_info, needs_embedded, parse_args, resolve_defaults
     from .engine import world_size_from_env
 
-    args = parse_args(task_cls, argv, prog=_prog(task_cls))
+    args = parse_args(task_cls, argv, prog=prog or _prog(task_cls, argv))
     args.task_name = task_cls.name
     if args.local_rank is not None and args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)  # what upstream does with the flag
@@ -54,9 +54,10 @@ def prepare_args(task_cls, argv=None, preemption=None):
     return resolve_defaults(args, device_info(kind, world), paths, task_cls)
 
 
-def _prog(task_cls) -> str:
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return script if script.endswith(".py") else f"diffusers-npu train {task_cls.name}"
+def _prog(task_cls, argv) -> str:
+    """A script run from the shell (argv None) names itself in messages; otherwise the CLI form."""
+    script = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    return script if script.endswith(".py") and script != "__main__.py" else f"diffusers-npu train {task_cls.name}"
 
 
 def run(task, argv=None) -> dict:

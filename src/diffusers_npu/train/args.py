@@ -35,7 +35,7 @@ def _number(kind, lo=None, hi=None, lo_open=False, what=None):
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)
         if low_bad or (hi is not None and value > hi):
             rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise argparse.ArgumentTypeError(f"expected {what or 'a value'} in {rng}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what or f'a value in {rng}'}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -216,8 +216,8 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
                         "there is none, so the same command serves the first run and every rerun)")
     g.add_argument("--validation_prompts", nargs="*", default=None, metavar="PROMPT",
                    help="prompts for validation image grids")
-    g.add_argument("--validation_prompt", default=None, metavar="PROMPT",
-                   help="upstream spelling of a single validation prompt (added to --validation_prompts)")
+    g.add_argument("--validation_prompt", nargs="+", default=None, metavar="PROMPT",
+                   help="upstream spelling: validation prompt(s), added to --validation_prompts")
     g.add_argument("--validation_steps", type=positive_int, default=None, metavar="N",
                    help="validate every N steps; default: only at the end")
     g.add_argument("--validation_epochs", type=positive_int, default=None, metavar="N",

@@ -54,7 +54,8 @@ def parse_args(task_cls, argv=None, prog: Optional[str] = None) -> argparse.Name
     return args
 
 
-def load_config_file(path: str) -> dict:
+def load_config_file(path) -> dict:
+    path = str(path)
     if not os.path.isfile(path):
         raise UsageError(f"--config: {path} does not exist")
     kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
@@ -83,9 +84,10 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def config_values(parser, path: str) -> dict:
+def config_values(parser, path) -> dict:
     """Validated, typed values of a config file, as argparse would have produced them from the command
     line. Raises a one-line UsageError naming the file and the key."""
+    path = str(path)
     raw = load_config_file(path)
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     values = {}
@@ -240,9 +242,9 @@ def resolve_defaults(args: argparse.Namespace, info: DeviceInfo, embedded: Optio
     if a.log_every is None:
         a.log_every = 1 if device == "cpu" else 10
     if a.validation_prompt:
-        a.validation_prompts = list(a.validation_prompts or []) + [a.validation_prompt]
+        a.validation_prompts = list(a.validation_prompts or []) + list(a.validation_prompt)
     if a.validation_steps and a.validation_epochs:
-        raise UsageError("give --validation_steps or --validation_epochs, not both")
+        a.validation_epochs = None  # as upstream's textual inversion: steps win
     a.distributed = a.distributed if info.world_size > 1 else "none"
     if a.cache_latents and task_cls is not None and not task_cls.supports_cache:
         raise UsageError(f"--cache_latents is not available for {task_cls.name} (its samples carry more than "
@@ -253,6 +255,8 @@ def resolve_defaults(args: argparse.Namespace, info: DeviceInfo, embedded: Optio
         raise UsageError(f"--use_ema is not available for {task_cls.name} ({task_cls.ema_refusal})")
     if a.offload_ema and not a.use_ema:
         raise UsageError("--offload_ema needs --use_ema")
+    if task_cls is not None:
+        task_cls.resolve_args(a)
     return a
 
 

@@ -109,6 +109,12 @@ def make_accelerator(args, module, device_kind: str, world_size: int):
         # Every trainable parameter takes part in every step; the default (False) keeps DDP cheap.
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     trackers = None if args.report_to in ("none", "") else args.report_to
+    # A new run in the same process (tests, the self-check, notebooks) gets a fresh engine state: accelerate
+    # keeps it in a process-wide singleton that refuses a different plugin otherwise. The process group
+    # (PartialState) stays.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(cpu=device_kind == "cpu", log_with=trackers,
                       project_config=ProjectConfiguration(project_dir=args.output_dir,
                                                           logging_dir=os.path.join(args.output_dir, args.logging_dir)),

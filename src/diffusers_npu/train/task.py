@@ -94,6 +94,10 @@ class Task(abc.ABC):
     def add_arguments(cls, parser) -> None:
         """Add the task's own flags."""
 
+    @classmethod
+    def resolve_args(cls, args) -> None:
+        """Fill in defaults that depend on the task's own flags (called by ``config.resolve_defaults``)."""
+
     def validate_args(self) -> None:
         """Check the task's flags against each other; raise UsageError naming the flag."""
 

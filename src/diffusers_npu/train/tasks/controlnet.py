@@ -71,7 +71,8 @@ class ControlNetTask(DiffusionTask):
         pretrained={"resolution": 512, "train_batch_size": 4, "max_train_steps": 5000, "learning_rate": 1e-5,
                     "lr_scheduler": "constant", "lr_warmup_steps": 0, "checkpointing_steps": 500,
                     "dataloader_num_workers": 4})
-    defaults = {"learning_rate": 5e-6, "train_batch_size": 4, "num_train_epochs": 1, "output_dir": "controlnet-model"}
+    defaults = {"learning_rate": 5e-6, "train_batch_size": 4, "num_train_epochs": 1, "output_dir": "controlnet-model",
+                "validation_steps": 100, "tracker_project_name": "train_controlnet"}
     supports_ema = False
     ema_refusal = "EMA averages UNet weights and the UNet stays frozen here"
     output_kind = "controlnet"

@@ -30,7 +30,9 @@ NUM_DEFAULT_INSTANCES = 5
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images with one prompt; with prior preservation each sample also carries a class image."""
+    """Instance images with one prompt; with prior preservation each sample also carries a class image. Every
+    image comes with the SDXL micro-conditioning of its real crop (``original_size``, ``crop_top_left``,
+    ``target_size``; ``class_``-prefixed for the class image), as the text-to-image data set records them."""
 
     def __init__(self, instance_images, instance_text: dict, resolution, center_crop, random_flip, seed,
                  interpolation, class_images=None, class_text: Optional[dict] = None):
@@ -42,22 +44,24 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self):
         return max(len(self.instance_images), len(self.class_images))
 
-    def _pixels(self, path, epoch, index, salt):
+    def _pixels(self, path, epoch, index, salt, prefix=""):
         from ...data.dataset import sample_rng
 
         o = self.opts
+        size = (o["resolution"], o["resolution"])
         flip = o["random_flip"] and sample_rng(o["seed"], epoch, index, salt + "flip").random() < 0.5
-        img, _, _ = resize_crop(load_pil(path, path), (o["resolution"], o["resolution"]), o["center_crop"],
-                                sample_rng(o["seed"], epoch, index, salt + "crop"), o["interpolation"], flip=flip)
-        return to_tensor(img)
+        img, crop, orig = resize_crop(load_pil(path, path), size, o["center_crop"],
+                                      sample_rng(o["seed"], epoch, index, salt + "crop"), o["interpolation"], flip=flip)
+        return {f"{prefix}pixel_values": to_tensor(img), f"{prefix}original_size": torch.tensor(orig),
+                f"{prefix}crop_top_left": torch.tensor(crop), f"{prefix}target_size": torch.tensor(size)}
 
     def __getitem__(self, key):
         epoch, index = key[0], key[1]
-        out = {"pixel_values": self._pixels(self.instance_images[index % len(self.instance_images)], epoch, index, ""),
+        out = {**self._pixels(self.instance_images[index % len(self.instance_images)], epoch, index, ""),
                **self.instance_text, "index": index, "epoch": epoch, "bad": 0}
         if self.class_images:
-            out["class_pixel_values"] = self._pixels(self.class_images[index % len(self.class_images)], epoch,
-                                                     index, "class")
+            out.update(self._pixels(self.class_images[index % len(self.class_images)], epoch, index, "class",
+                                    prefix="class_"))
             out.update({f"class_{k}": v for k, v in self.class_text.items()})
         return out
 
@@ -119,11 +123,19 @@ class DreamBoothTask(DiffusionTask):
                     "lr_scheduler": "constant", "lr_warmup_steps": 0, "with_prior_preservation": True,
                     "prior_loss_weight": 1.0, "checkpointing_steps": 200, "num_class_images": 200,
                     "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"})
-    defaults = {"learning_rate": 5e-6, "train_batch_size": 4, "num_train_epochs": 1, "output_dir": "dreambooth-model"}
+    # learning rate and output folder differ with --use_lora, as upstream's two DreamBooth scripts do
+    defaults = {"learning_rate": None, "train_batch_size": 4, "num_train_epochs": 1, "output_dir": None,
+                "validation_steps": 100}
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         lora.add_lora_arguments(parser)
+        for action in parser._actions:  # the per-mode defaults, said once in --help
+            if action.dest == "learning_rate":
+                action.help = "initial learning rate (default 5e-6, or 5e-4 with --use_lora, as upstream)"
+            elif action.dest == "output_dir":
+                action.help = ("where checkpoints, logs and the trained output go (default dreambooth-model, or "
+                               "lora-dreambooth-model with --use_lora)")
         g = parser.add_argument_group("DreamBooth")
         g.add_argument("--instance_data_dir", default=None, metavar="FOLDER",
                        help="folder of the subject's images; default: 5 images of --data_label from the data source "
@@ -158,9 +170,9 @@ class DreamBoothTask(DiffusionTask):
         g.add_argument("--class_labels_conditioning", default=None, choices=["timesteps"],
                        help="pass the timesteps as class labels to a UNet with a class embedding (DeepFloyd IF "
                             "stage II style UNets)")
-        g.add_argument("--validation_scheduler", default=None,
+        g.add_argument("--validation_scheduler", default="DPMSolverMultistepScheduler",
                        choices=["DPMSolverMultistepScheduler", "DDPMScheduler"],
-                       help="scheduler of the validation pipeline; default: the base model's")
+                       help="scheduler of the validation pipeline")
         g.add_argument("--validation_images", nargs="+", default=None,
                        help="upstream flag for pixel-space upscaler models (DeepFloyd IF stage II); refused here")
         g.add_argument("--skip_save_text_encoder", action="store_true",
@@ -173,6 +185,16 @@ class DreamBoothTask(DiffusionTask):
     @property
     def output_kind(self) -> str:  # noqa: D102
         return "lora" if self.use_lora else "pipeline"
+
+    @classmethod
+    def resolve_args(cls, a) -> None:
+        # upstream's train_dreambooth.py and train_dreambooth_lora.py defaults
+        if a.learning_rate is None:
+            a.learning_rate = 5e-4 if a.use_lora else 5e-6
+        if a.output_dir is None:
+            a.output_dir = "lora-dreambooth-model" if a.use_lora else "dreambooth-model"
+        if a.use_lora and a.validation_steps == 100 and a.validation_epochs is None:
+            a.validation_steps, a.validation_epochs = None, 50
 
     def validate_args(self):
         a = self.args
@@ -215,11 +237,12 @@ class DreamBoothTask(DiffusionTask):
                              "(class_embed_type is None); drop the flag")
         trainable = {"unet": self.unet}
         if self.use_lora:
-            lora.add_lora(self.unet, a.lora_rank, a.lora_alpha, lora.UNET_TARGETS)
+            lora.add_lora(self.unet, a.lora_rank, a.lora_alpha, lora.UNET_TARGETS, a.lora_dropout)
         if a.train_text_encoder:
             self.text_encoder.to(dtype=torch.float32)  # trained weights are fp32 master weights
             if self.use_lora:
-                lora.add_lora(self.text_encoder, a.lora_rank, a.lora_alpha, lora.TEXT_ENCODER_TARGETS)
+                lora.add_lora(self.text_encoder, a.lora_rank, a.lora_alpha, lora.TEXT_ENCODER_TARGETS,
+                              a.lora_dropout)
             else:
                 self.text_encoder.requires_grad_(True)
             self.text_encoder.train()

@@ -35,6 +35,7 @@ def add_lora_arguments(parser) -> None:
                    help="rank of the LoRA adapters (upstream --rank)")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA scaling numerator (effective scale alpha/rank); default: the rank (scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout probability of the LoRA layers")
 
 
 def validate_lora_args(args) -> None:
@@ -44,11 +45,14 @@ def validate_lora_args(args) -> None:
         return
     if args.lora_rank < 1:
         raise UsageError(f"--rank must be >= 1 (got {args.lora_rank})")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.use_ema:
         raise UsageError("--use_ema averages full weights; with --use_lora only the adapters train (drop one)")
 
 
-def add_lora(module: torch.nn.Module, rank: int, alpha: Optional[float], targets) -> List[torch.nn.Parameter]:
+def add_lora(module: torch.nn.Module, rank: int, alpha: Optional[float], targets,
+             dropout: float = 0.0) -> List[torch.nn.Parameter]:
     """Freeze ``module`` and inject LoRA adapters (fp32, B = 0) into ``targets``; return the adapter params."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -56,7 +60,7 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: Optional[float], targets
         raise ValueError(f"{type(module).__name__} already has LoRA adapters")
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
-                        target_modules=list(targets))
+                        target_modules=list(targets), lora_dropout=dropout)
     # peft's own entry point (the models' add_adapter wrappers pin peft versions; this works across them)
     inject_adapter_in_model(config, module)
     params = [p for n, p in module.named_parameters() if "lora_" in n]

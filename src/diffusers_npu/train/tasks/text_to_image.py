@@ -13,11 +13,20 @@ from . import lora
 class TextToImageModule(SDModule):
     """forward(batch) -> (loss, {}): encode (or read cached) latents and prompt states, noise, predict."""
 
+    dream: Optional[float] = None  # --dream_training: its detail preservation p
+
     def forward(self, batch):
         gens = self.objective.generators(batch)
         latents = self.latents(batch, gens)
         states = self.text_states(batch)
         noisy, t, target = self.objective.noisy(latents, gens)
+        if self.dream is not None:
+            # DREAM (https://arxiv.org/abs/2312.00210) through diffusers' own helper; for epsilon prediction
+            # the target is the noise it needs.
+            from diffusers.training_utils import compute_dream_and_update_latents
+
+            noisy, target = compute_dream_and_update_latents(self.unet, self.objective.scheduler, t, target, noisy,
+                                                             target, states, self.dream)
         pred = self.unet(noisy, t, states, return_dict=False)[0]
         return self.objective.loss(pred, target, t), {}
 
@@ -33,12 +42,25 @@ class TextToImageTask(DiffusionTask):
         pretrained={"resolution": 512, "max_train_steps": 15000, "train_batch_size": 1, "center_crop": True,
                     "random_flip": True, "lr_scheduler": "constant", "lr_warmup_steps": 0,
                     "learning_rate": 1e-05, "checkpointing_steps": 5000, "dataloader_num_workers": 4})
+    defaults = {"validation_epochs": None, "tracker_project_name": "text2image-fine-tune", "output_dir": None}
     supports_cache = True
     supports_buckets = True
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         lora.add_lora_arguments(parser)
+        for action in parser._actions:  # the per-mode defaults, said once in --help
+            if action.dest == "output_dir":
+                action.help = ("where checkpoints, logs and the trained output go (default sd-model-finetuned, or "
+                               "sd-model-finetuned-lora with --use_lora)")
+            elif action.dest == "validation_epochs":
+                action.help = "validate every N epochs when validation prompts are given (default 5, 1 with --use_lora)"
+        g = parser.add_argument_group("text-to-image")
+        g.add_argument("--dream_training", action="store_true",
+                       help="DREAM training (https://arxiv.org/abs/2312.00210): one extra forward pass without "
+                            "gradients per step aligns training with sampling (epsilon prediction only)")
+        g.add_argument("--dream_detail_preservation", type=float, default=1.0,
+                       help="DREAM's detail preservation factor p (> 0), as in the paper")
 
     @property
     def use_lora(self) -> bool:
@@ -48,8 +70,20 @@ class TextToImageTask(DiffusionTask):
     def output_kind(self) -> str:  # noqa: D102 - the class attribute, per run
         return "lora" if self.use_lora else "pipeline"
 
+    @classmethod
+    def resolve_args(cls, a) -> None:
+        # upstream's train_text_to_image.py and train_text_to_image_lora.py defaults
+        if a.output_dir is None:
+            a.output_dir = "sd-model-finetuned-lora" if a.use_lora else "sd-model-finetuned"
+        if a.validation_epochs is None and not a.validation_steps:
+            a.validation_epochs = 1 if a.use_lora else 5
+
     def validate_args(self) -> None:
         lora.validate_lora_args(self.args)
+        if self.args.dream_training and self.args.dream_detail_preservation <= 0:
+            from ...errors import UsageError
+
+            raise UsageError(f"--dream_detail_preservation must be > 0 (got {self.args.dream_detail_preservation})")
         if self.use_lora and self.args.learning_check:
             from ...errors import UsageError
 
@@ -60,9 +94,18 @@ class TextToImageTask(DiffusionTask):
     def build_module(self):
         self.load_components()
         if self.use_lora:
-            lora.add_lora(self.unet, self.args.lora_rank, self.args.lora_alpha, lora.UNET_TARGETS)
+            lora.add_lora(self.unet, self.args.lora_rank, self.args.lora_alpha, lora.UNET_TARGETS,
+                          self.args.lora_dropout)
         frozen = Frozen(vae=self.vae, text_encoder=self.text_encoder)
-        return TextToImageModule(frozen, self.objective(), self.rt.weight_dtype, unet=self.unet)
+        module = TextToImageModule(frozen, self.objective(), self.rt.weight_dtype, unet=self.unet)
+        if self.args.dream_training:
+            if self.noise_scheduler.config.prediction_type != "epsilon":
+                from ...errors import UsageError
+
+                raise UsageError("--dream_training is implemented for epsilon prediction only (this model predicts "
+                                 f"{self.noise_scheduler.config.prediction_type})")
+            module.dream = self.args.dream_detail_preservation
+        return module
 
     def build_dataset(self):
         return self.image_caption_dataset()

@@ -87,7 +87,9 @@ class TextualInversionTask(DiffusionTask):
                     "lr_scheduler": "constant", "lr_warmup_steps": 0, "checkpointing_steps": 500,
                     "gradient_accumulation_steps": 4, "scale_lr": True, "placeholder_token": "<cat-toy>",
                     "initializer_token": "toy"})
-    defaults = {"max_train_steps": 5000, "output_dir": "text-inversion-model"}
+    # upstream's textual inversion does not clip gradients
+    defaults = {"max_train_steps": 5000, "output_dir": "text-inversion-model", "validation_steps": 100,
+                "max_grad_norm": 0.0}
     supports_ema = False
     ema_refusal = "only the new token's embedding trains; the UNet stays frozen"
     output_kind = "textual_inversion"

@@ -77,11 +77,28 @@ def run(task, argv=None) -> dict:
     return Trainer(args, task_cls, started=started).run()
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of the record (not the one at set-up), so a caller
+    that swaps stdout (a notebook, a test's capture) never leaves the handler on a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def configure_logging() -> None:
     """INFO lines on stdout; the libraries' own progress bars only on a terminal (a log file gets our step
     lines, not dozens of 'Writing model shards' bars)."""
-    logging.basicConfig(level=os.environ.get("DIFFUSERS_NPU_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStdout) for h in root.handlers):
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(os.environ.get("DIFFUSERS_NPU_LOG_LEVEL", "INFO"))
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not sys.stdout.isatty():

@@ -102,7 +102,9 @@ def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str,
     sd = state if state is not None else model.state_dict()
     sharded = any(_is_dtensor(v) for v in sd.values())
     if not sharded:
-        if is_main:
+        if is_main and state is None and not hasattr(model, "save_config"):
+            model.save_pretrained(folder, safe_serialization=True)  # transformers: its own key layout
+        elif is_main:
             os.makedirs(folder, exist_ok=True)
             _save_config(model, folder)
             save_state_dict(sd, os.path.join(folder, weights_name), metadata={"format": "pt"})

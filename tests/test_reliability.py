@@ -1,336 +1,368 @@
-"""Reliability promises (issue #6): exact resume, crash-safe checkpoints, pre-emption, non-finite losses,
-named bad input, and a real 2-process run."""
+"""Reliability (issue #14): finished work is never deleted, signals are handled over the whole run, resume
+refuses what would silently change the run, checkpoints never hold poisoned weights, and kills at seeded
+random moments (inside saves, the final save and pruning included) never leave a partial folder visible as
+complete and always resume to bit-identical weights."""
 import errno
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 import torch
 
 from diffusers_npu import checkpoint as ckpt
-from diffusers_npu.train import main, run
-from diffusers_npu.train.tasks.text_to_image import TextToImageTask
+from trainkit import argv, main_rc, same_weights, train, weights
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "examples", "text_to_image", "train_text_to_image.py")
-QUIET = ["--report_to", "none", "--disable_progress_bar", "--no-learning_check"]
+T2I = "text_to_image"
 
 
-def argv(out, steps, *extra, batch=4):
-    return ["--output_dir", str(out), "--max_train_steps", str(steps), "--train_batch_size", str(batch),
-            *QUIET, *map(str, extra)]
+def _no_temp_left(folder):
+    names = os.listdir(folder)
+    assert not [n for n in names if n.startswith(".tmp-") or n.endswith(".old")], names
 
 
-def weights(folder, name="unet/diffusion_pytorch_model.safetensors"):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, name))
-
-
-# ------------------------------------------------------------------------------------------ 1. exact resume
-
-@pytest.mark.parametrize("mode", [
-    ["--random_flip", "--use_ema", "--ema_decay", "0.9", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
-     "--dataloader_num_workers", "1", "--max_train_samples", "20"],   # 20 samples / batch 4 -> epoch ends at 5
-    ["--cache_latents", "--random_flip", "--mixed_precision", "fp16", "--gradient_accumulation_steps", "2",
-     "--max_train_samples", "24"],
-], ids=["online-ema-workers-epochs", "cached-fp16-accum"])
-def test_resume_is_bit_identical(tmp_path, mode, monkeypatch):
-    straight = tmp_path / "straight"
-    run(TextToImageTask, argv(straight, 7, *mode))
-    split = tmp_path / "split"
-    # The same 7-step run, interrupted by a real SIGTERM after step 3 (mid-epoch), then rerun with 'latest'.
-    calls = {"n": 0}
-
-    def interrupt_after_3(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(TextToImageTask, "after_optimizer_step", interrupt_after_3)
-        first = run(TextToImageTask, argv(split, 7, *mode, "--resume_from_checkpoint", "latest"))
-    assert first["exit_reason"] == "preempted" and first["steps"] == 3
-    run(TextToImageTask, argv(split, 7, *mode, "--resume_from_checkpoint", "latest"))
-    a, b = weights(straight), weights(split)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    # The loss history is identical too (same data order, same noise).
-    ha = json.load(open(straight / "train_summary.json"))
-    hb = json.load(open(split / "train_summary.json"))
-    assert ha["final_loss"] == hb["final_loss"]
-
-
-def test_data_order_resumes_mid_epoch_without_repeats():
-    from diffusers_npu.data.dataset import ResumableSampler
-
-    s = ResumableSampler(10, 3, seed=1)  # 3 batches per epoch, 1 sample dropped per epoch
-    it = iter(s)
-    full = [next(it) for _ in range(3 * 7)]
-    s2 = ResumableSampler(10, 3, seed=1, start_position=4)
-    it2 = iter(s2)
-    assert [next(it2) for _ in range(9)] == full[12:21]
-    epoch0 = [i for e, i in full[:9]]
-    assert len(set(epoch0)) == 9  # no sample twice within an epoch
-    # Two ranks split each global batch and together see exactly the 1-rank order.
-    r0, r1 = iter(ResumableSampler(10, 3, 1, world_size=2, rank=0)), iter(ResumableSampler(10, 3, 1, 2, 1))
-    one = iter(ResumableSampler(10, 6, 1))
-    assert [next(r0) for _ in range(3)] + [next(r1) for _ in range(3)] == [next(one) for _ in range(6)]
-
-
-# ------------------------------------------------------------------------------ 2. crash-safe checkpoints
-
-def _all_visible_checkpoints_good(out):
-    for step, path in ckpt.list_checkpoints(str(out), complete_only=False):
-        assert ckpt.is_complete(path), f"{path} visible without COMPLETE marker"
-        weights(path, "unet.safetensors")
+def _checkpoints_all_good(folder):
+    for _, path in ckpt.list_checkpoints(str(folder), complete_only=False):
+        assert ckpt.is_complete(path), f"{path} visible without its COMPLETE marker"
         json.load(open(os.path.join(path, "train_state.json")))
         torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        weights(path)
 
 
-def test_kill_9_during_saves_never_leaves_a_bad_checkpoint(tmp_path, embedded_paths):
+# ------------------------------------------------------------------------------------------- data loss
+def test_failure_after_the_final_save_keeps_finished_lora_and_embeddings(tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train import evaluation
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "train_summary.json")
+
+    monkeypatch.setattr(evaluation, "write_summary", disk_full)
+    for task, flags, kept in ((T2I, ["--use_lora"], "pytorch_lora_weights.safetensors"),
+                              ("textual_inversion", [], "learned_embeds.safetensors")):
+        out = tmp_path / task
+        rc, _, err = main_rc(task, argv(out, 1, *flags, batch=2), capsys)
+        assert rc == 3 and "disk full while writing train_summary.json" in err
+        assert f"finished output kept in {out}" in err  # a true message: no checkpoint was claimed
+        assert os.path.isfile(out / kept)
+
+
+def test_lora_into_a_folder_holding_a_pipeline_keeps_the_pipeline_loadable(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
     out = tmp_path / "o"
-    cmd = [sys.executable, SCRIPT, *argv(out, 200, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
-                                         "--resume_from_checkpoint", "latest")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    kills = 0
-    for delay in (0.05, 0.13, 0.21, 0.3, 0.42):
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        # Wait for training to be under way (checkpoints are written every step), then kill at an odd moment.
-        for line in p.stdout:
-            if "saved checkpoint" in line:
-                break
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-        _all_visible_checkpoints_good(out)
-        latest = ckpt.resolve_resume("latest", str(out))
-        assert latest is not None and ckpt.is_complete(latest)
-        assert len(ckpt.list_checkpoints(str(out))) >= 1  # pruning never removed the only good one
-    assert kills == 5
-    # And the run still resumes from what is there.
-    res = run(TextToImageTask, argv(out, ckpt.list_checkpoints(str(out))[-1][0] + 1, "--resume_from_checkpoint",
-                                     "latest"))
-    assert res["exit_reason"] == "completed"
+    train(T2I, out, steps=1)
+    train(T2I, out, "--use_lora", steps=1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))  # model_index.json survived
+    pipe.load_lora_weights(str(out))
 
 
-def test_partial_checkpoint_is_ignored_and_explicit_resume_refused(tmp_path):
+def test_stale_temp_folders_are_collected_at_start_up_and_logged(tmp_path, capsys):
     out = tmp_path / "o"
-    run(TextToImageTask, argv(out, 2, "--checkpointing_steps", "2"))
-    # A save killed half-way: a temp folder, and a checkpoint folder without its marker.
-    os.makedirs(out / ".tmp-checkpoint-3")
-    os.makedirs(out / "checkpoint-4")
-    (out / "checkpoint-4" / "unet.safetensors").write_bytes(b"partial")
-    assert ckpt.resolve_resume("latest", str(out)).endswith("checkpoint-2")
-    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
-        ckpt.resolve_resume(str(out / "checkpoint-4"), str(out))
-    assert ckpt.prune(str(out), 1) == []  # the only good checkpoint is never pruned
+    train(T2I, out, steps=2, ckpt=2)
+    os.makedirs(out / ".tmp-checkpoint-9")
+    (out / ".tmp-checkpoint-9" / "optimizer.pt").write_bytes(b"x" * 100)
+    os.makedirs(out / "unet.old")
+    os.makedirs(out / "checkpoint-7")  # half-pruned: its marker went first
+    rc, stdout, _ = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest"), capsys)
+    assert rc == 0
+    for name in (".tmp-checkpoint-9", "unet.old", "checkpoint-7"):
+        assert not os.path.exists(out / name) and name in stdout
+    _no_temp_left(out)
 
 
-def test_final_pipeline_is_replaced_atomically(tmp_path):
-    from diffusers_npu.train.loop import install_folder_contents
+def test_checkpoint_files_are_fsynced_before_the_marker(tmp_path, monkeypatch):
+    from diffusers_npu import fsutil
 
-    dst = tmp_path / "out"
-    src = tmp_path / "new"
-    (src / "unet").mkdir(parents=True)
-    (src / "unet" / "w").write_text("new")
-    (src / "model_index.json").write_text("{}")
-    (dst / "unet").mkdir(parents=True)
-    (dst / "unet" / "w").write_text("old")
-    (dst / "model_index.json").write_text("old")
-    order = []
-    real = os.replace
-
-    def spy(a, b):
-        order.append(os.path.basename(b))
-        return real(a, b)
-
-    import diffusers_npu.train.loop as loop
-
-    loop.os.replace = spy
-    try:
-        install_folder_contents(str(src), str(dst))
-    finally:
-        loop.os.replace = real
-    assert order[-1] == "model_index.json"  # the loader's entry point appears last
-    assert (dst / "unet" / "w").read_text() == "new" and (dst / "model_index.json").read_text() == "{}"
+    synced = []
+    real = fsutil.fsync_file
+    monkeypatch.setattr(fsutil, "fsync_file", lambda p: (synced.append(os.path.basename(p)), real(p))[1])
+    train(T2I, tmp_path / "o", steps=1, ckpt=1)
+    for name in ("optimizer.pt", "train_state.json", "diffusion_pytorch_model.safetensors", "rng_0.pt"):
+        assert name in synced
 
 
-# ------------------------------------------------------------------------------------------ 3. pre-emption
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_exits_zero_then_rerun_continues(tmp_path, sig, embedded_paths):
+def test_prune_never_deletes_under_the_checkpoints_own_name(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    cmd = [sys.executable, SCRIPT, *argv(out, 40, "--checkpointing_steps", "1000", "--resume_from_checkpoint",
-                                         "latest")]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith("step 3/40"):
-            break
-    t0 = time.time()
-    p.send_signal(sig)
-    rest, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, rest[-2000:]
-    assert time.time() - t0 < 60
-    assert "Pre-empted" in rest
-    ckpts = ckpt.list_checkpoints(str(out))
-    assert len(ckpts) == 1 and 3 <= ckpts[0][0] < 40
-    stopped = ckpts[0][0]
-    assert not os.path.exists(out / "model_index.json")  # no final pipeline from an interrupted run
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"step {stopped + 1}/40" in r.stdout and f"step {stopped}/40" not in r.stdout
-    assert os.path.exists(out / "model_index.json")
+    train(T2I, out, steps=2, ckpt=1)
+    seen = []
+    real = shutil.rmtree
+
+    def spy(path, *a, **k):
+        seen.append(os.path.basename(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", spy)
+    assert len(ckpt.prune(str(out), 1)) == 1 and seen == [".tmp-removing-checkpoint-1"]
 
 
-# --------------------------------------------------------------------------------------- 4. non-finite loss
+# ------------------------------------------------------------------------------------------- signals
+def _signal_at(monkeypatch, owner, name, sig, times=1):
+    real = getattr(owner, name)
 
-def _nan_at(step_to_break, value=float("nan")):
-    real = TextToImageTask.compute_loss
+    def wrapper(*a, **k):
+        for _ in range(times):
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def test_signal_during_final_validation_saves_a_checkpoint_and_exits_zero(tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train.loop import Trainer
+
+    out = tmp_path / "o"
+    real = Trainer.validate
+
+    def validate(self, tag):
+        if tag == "final":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, tag)
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    flags = ["--validation_prompts", "a handwritten digit one", "--num_validation_images", "1",
+             "--validation_inference_steps", "2", "--use_ema", "--resume_from_checkpoint", "latest"]
+    rc, stdout, _ = main_rc(T2I, argv(out, 3, *flags), capsys)
+    assert rc == 0 and "Pre-empted" in stdout
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [3] and not os.path.exists(out / "model_index.json")
+    _no_temp_left(out)
+    monkeypatch.setattr(Trainer, "validate", real)
+    reference = tmp_path / "ref"
+    train(T2I, reference, *flags, steps=3)
+    rc, _, _ = main_rc(T2I, argv(out, 3, *flags), capsys)
+    assert rc == 0 and same_weights(weights(out), weights(reference))  # EMA swapped back before the checkpoint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_final_save_lets_it_finish(tmp_path, capsys, monkeypatch, sig):
+    from diffusers_npu.train.tasks.text_to_image import TextToImageTask
+
+    _signal_at(monkeypatch, TextToImageTask, "save_final", sig)
+    out = tmp_path / "o"
+    rc, stdout, err = main_rc(T2I, argv(out, 2), capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert os.path.isfile(out / "model_index.json")
+    _no_temp_left(out)
+    assert json.load(open(out / "train_summary.json"))["exit_reason"] == "preempted"
+
+
+def test_second_signal_stops_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train.loop import Trainer
+
+    out = tmp_path / "o"
+    train(T2I, out, steps=1, ckpt=1)
+    _signal_at(monkeypatch, Trainer, "train_step", signal.SIGTERM, times=2)
+    rc, _, err = main_rc(T2I, argv(out, 4, "--resume_from_checkpoint", "latest"), capsys)
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"error: stopped by SIGTERM during training (second signal); the last complete checkpoint is "
+        f"{out / 'checkpoint-1'}"]
+    _no_temp_left(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_start_up_leaves_no_empty_folder(tmp_path, capsys, monkeypatch, sig):
+    from diffusers_npu.train import build
+
+    _signal_at(monkeypatch, build, "data", sig)
+    out = tmp_path / "o"
+    rc, _, err = main_rc(T2I, argv(out, 2), capsys)
+    assert rc == 128 + sig and err.strip() == \
+        f"error: stopped by {signal.Signals(sig).name} during start-up; no checkpoint was saved yet"
+    assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------------- resume that cannot work
+def test_changed_batch_or_resolution_is_refused_and_a_new_learning_rate_applied(tmp_path, capsys):
+    out = tmp_path / "o"
+    train(T2I, out, "--learning_rate", "1e-4", steps=2, ckpt=2)
+    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest", batch=8), capsys)
+    assert rc == 2 and "--train_batch_size = 4, this run has 8" in err
+    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest", "--resolution", "24"), capsys)
+    assert rc == 2 and "--resolution = 16, this run has 24" in err
+    s = train(T2I, out, "--learning_rate", "3e-4", "--resume_from_checkpoint", "latest", steps=3)
+    assert s["learning_rate_changed_on_resume"] == {"checkpoint": 1e-4, "now": 3e-4}
+    assert s["config"]["learning_rate"] == 3e-4 and s["learning_rate"] == 3e-4
+
+
+def test_new_learning_rate_on_resume_scales_the_schedule_from_the_resumed_step(tmp_path):
+    out = tmp_path / "o"
+    flags = ["--lr_scheduler", "linear", "--lr_warmup_steps", "0"]
+    train(T2I, out, "--learning_rate", "1e-3", *flags, steps=4, ckpt=2)
+    for name in ("checkpoint-4", "unet", "model_index.json"):  # back to the state after step 2
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train(T2I, out, "--learning_rate", "2e-3", *flags, "--resume_from_checkpoint", "latest", steps=4, ckpt=2)
+    history = json.load(open(out / "checkpoint-4" / "train_state.json"))["history"]
+    # linear decay over 4 steps: 1e-3 * (1 - k/4) after step k; from step 3 on the base rate is 2e-3
+    assert [h["lr"] for h in history] == pytest.approx([7.5e-4, 5e-4, 5e-4, 0.0])
+
+
+def test_checkpoint_of_another_model_and_missing_files_are_checkpoint_errors(tmp_path, capsys, embedded_paths):
+    out = tmp_path / "o"
+    train(T2I, out, steps=2, ckpt=2)
+    from diffusers import UNet2DConditionModel
+
+    # another model: a UNet with other widths in the checkpoint's place
+    other = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                 norm_num_groups=16, attention_head_dim=8)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    other.save_pretrained(str(bad / "checkpoint-2" / "unet"))
+    rc, _, err = main_rc(T2I, argv(bad, 3, "--resume_from_checkpoint", "latest"), capsys)
+    assert rc == 2 and err.startswith("error: ") and "does not match the model being trained" in err
+    assert "Traceback" not in err
+    os.remove(out / "checkpoint-2" / "optimizer.pt")  # a half-deleted checkpoint that kept its marker
+    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest"), capsys)
+    assert rc == 2 and "has no optimizer state (optimizer.pt); the checkpoint is incomplete" in err
+
+
+# ------------------------------------------------------------------------------------ wrong result, silently
+def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    """An update that poisons the weights while the step's loss (computed before it) is finite: what a huge
+    learning rate did before the flags refused non-finite values."""
+    from diffusers_npu.train.tasks.text_to_image import TextToImageTask
+
+    out = tmp_path / "o"
+    train(T2I, out, steps=1, ckpt=1)
+    real = TextToImageTask.after_optimizer_step
+
+    def poison(self, step):
+        real(self, step)
+        if step == 2:
+            with torch.no_grad():
+                next(self.unet.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(TextToImageTask, "after_optimizer_step", poison)
+    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest", ckpt=1), capsys)
+    assert rc == 3 and "step 2: the trained weights or the optimizer state hold NaN/inf" in err
+    assert f"the last complete checkpoint is {out / 'checkpoint-1'}" in err
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [1]
+    _no_temp_left(out)
+    assert all(torch.isfinite(v).all() for v in weights(out / "checkpoint-1").values())
+
+
+def test_fp16_run_whose_every_step_overflows_stops_with_a_named_error(tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train.tasks.text_to_image import TextToImageModule
+
+    real = TextToImageModule.forward
+    monkeypatch.setattr(TextToImageModule, "forward", lambda self, b: (real(self, b)[0] * float("inf"), {}))
+    rc, _, err = main_rc(T2I, argv(tmp_path / "o", 8, "--mixed_precision", "fp16", "--max_consecutive_overflows",
+                                   "3", "--optimizer", "fused_adamw", batch=2), capsys)
+    assert rc == 3 and "the last 4 steps all overflowed and were skipped" in err
+    assert "--max_consecutive_overflows" in err
+
+
+def test_nan_loss_in_fp32_stops_naming_the_step(tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train.tasks.text_to_image import TextToImageModule
+
+    real = TextToImageModule.forward
     calls = {"n": 0}
 
-    def compute_loss(self, batch, generator=None):
-        loss, extras = real(self, batch, generator)
+    def forward(self, batch):
         calls["n"] += 1
-        if calls["n"] == step_to_break:
-            loss = loss * value
-        return loss, extras
+        loss, extra = real(self, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), extra
 
-    return compute_loss
-
-
-def test_nan_loss_fp32_stops_naming_the_step_and_saves_nothing_corrupt(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(TextToImageTask, "compute_loss", _nan_at(3))
+    monkeypatch.setattr(TextToImageModule, "forward", forward)
     out = tmp_path / "o"
-    rc = main(TextToImageTask, argv(out, 6, "--checkpointing_steps", "2", "--log_every", "5"))
-    err = capsys.readouterr().err
+    rc, _, err = main_rc(T2I, argv(out, 6, "--log_every", "5", ckpt=2), capsys)
     assert rc == 3 and "step 3: the loss is nan" in err
-    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [2]  # checkpoint-2 intact, nothing after step 2
-    assert not os.path.exists(out / "model_index.json")
-    w = weights(out / "checkpoint-2", "unet.safetensors")
-    assert all(torch.isfinite(v).all() for v in w.values())
-
-
-def test_nan_loss_skipped_with_max_bad_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(TextToImageTask, "compute_loss", _nan_at(2))
-    s = run(TextToImageTask, argv(tmp_path / "o", 4, "--max_bad_steps", "1"))
-    assert s["bad_steps_skipped"] == 1 and s["steps"] == 4 and np.isfinite(s["final_loss"])
-    w = weights(tmp_path / "o")
-    assert all(torch.isfinite(v).all() for v in w.values())
-
-
-def test_fp16_overflow_skips_the_step_and_counts_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(TextToImageTask, "compute_loss", _nan_at(2, value=float("inf")))
-    s = run(TextToImageTask, argv(tmp_path / "o", 4, "--mixed_precision", "fp16"))
-    assert s["overflow_steps_skipped"] >= 1 and s["steps"] == 4
-    w = weights(tmp_path / "o")
-    assert all(torch.isfinite(v).all() for v in w.values())
-
-
-# ----------------------------------------------------------------------------------------- 5. bad input
-
-def _script(*args, timeout=300):
-    return subprocess.run([sys.executable, SCRIPT, *QUIET, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def test_empty_dataset_and_batch_larger_than_dataset(tmp_path, embedded_paths):
-    from datasets import load_dataset
-
-    ds = load_dataset(embedded_paths["dataset"], split="train")
-    ds.select([]).save_to_disk(str(tmp_path / "empty"))
-    r = _script("--local_data_dir", tmp_path / "empty", "--output_dir", tmp_path / "o1")
-    assert r.returncode == 2 and "empty" in r.stderr
-    ds.select(range(5)).save_to_disk(str(tmp_path / "five"))
-    r = _script("--local_data_dir", tmp_path / "five", "--train_batch_size", 8, "--output_dir", tmp_path / "o2")
-    assert r.returncode == 2 and "--train_batch_size" in r.stderr and "(5 samples)" in r.stderr
-    assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
-
-
-def test_unreadable_caption_is_named(tmp_path, embedded_paths):
-    from datasets import load_dataset
-
-    ds = load_dataset(embedded_paths["dataset"], split="train").select(range(8))
-    ds = ds.map(lambda r, i: {"text": [] if i == 2 else [r["text"]]}, with_indices=True)
-    ds.save_to_disk(str(tmp_path / "d"))
-    r = _script("--local_data_dir", tmp_path / "d", "--train_batch_size", 8, "--output_dir", tmp_path / "o",
-                "--max_train_steps", 1)
-    assert r.returncode == 2 and "caption row 2" in r.stderr and "empty list" in r.stderr
-
-
-def test_missing_component_and_unwritable_output(tmp_path, embedded_paths):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(embedded_paths["model"], model)
-    shutil.rmtree(model / "vae")
-    r = _script("--pretrained_model_name_or_path", model, "--output_dir", tmp_path / "o")
-    assert r.returncode == 2 and "has no 'vae' folder" in r.stderr and "AutoencoderKL" in r.stderr
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    r = _script("--output_dir", blocker / "sub", "--max_train_steps", 1)
-    assert r.returncode == 2 and "--output_dir" in r.stderr and "not writable" in r.stderr
-
-
-def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    import safetensors.torch as st
-
-    out = tmp_path / "o"
-    run(TextToImageTask, argv(out, 2, "--checkpointing_steps", "2"))
-    real = st.save_file
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(a[1]) if len(a) > 1 else "")
-
-    monkeypatch.setattr(st, "save_file", full)
-    rc = main(TextToImageTask, argv(out, 4, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))
-    monkeypatch.setattr(st, "save_file", real)
-    err = capsys.readouterr().err
-    assert rc == 3 and "disk full" in err
     assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [2]
-    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
-    _all_visible_checkpoints_good(out)
 
 
-# --------------------------------------------------------------------------------- 6. two real processes
+def test_summary_records_the_precision_really_used(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mixed_precision: bf16\n")
+    s = train(T2I, tmp_path / "o", "--config", cfg, steps=1)
+    assert s["mixed_precision"] == "bf16" and s["config"]["mixed_precision"] == "bf16"
+
+
+# ---------------------------------------------------------------------------------------- real disk full
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_real_disk_full_keeps_the_previous_checkpoint(tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = mnt / "o"
+        # a checkpoint is ~50 MB (UNet weights + AdamW state): the first fits in 80 MB, the second cannot
+        rc, _, err = main_rc(T2I, argv(out, 3, ckpt=1), capsys)
+        assert rc == 3 and "Traceback" not in err
+        assert err.startswith("error: disk full while writing ") and \
+            f"the last complete checkpoint is {out / 'checkpoint-1'}" in err, err
+        assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [1]
+        _checkpoints_all_good(out)
+        _no_temp_left(out)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])  # lazy: a file may still be mapped by this process
+
+
+# -------------------------------------------------------------------------- kills at seeded random moments
+IO_CALLS = [("os", "replace"), ("os", "rename"), ("os", "remove"), ("os", "fsync"), ("shutil", "rmtree"),
+            ("torch", "save")]
+
+
+def _run_forked(task, args, kill_at=None):
+    """Run main() in a forked child; with ``kill_at`` the child dies like ``kill -9`` (os._exit: no cleanup,
+    no finally blocks) just before its kill_at-th file-system call. Returns (exit status, calls made)."""
+    import importlib
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        count = [0]
+
+        def hook(real):
+            def wrapper(*a, **k):
+                count[0] += 1
+                if kill_at is not None and count[0] == kill_at:
+                    os._exit(137)
+                return real(*a, **k)
+            return wrapper
+
+        for mod, name in IO_CALLS:
+            m = importlib.import_module(mod)
+            setattr(m, name, hook(getattr(m, name)))
+        import sys
+
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        from diffusers_npu.train import main
+
+        rc = main(task, args)
+        os.write(w, str(count[0]).encode())
+        os._exit(rc)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    calls = os.read(r, 64).decode()
+    os.close(r)
+    return os.waitstatus_to_exitcode(status), int(calls) if calls else None
+
 
 @pytest.mark.slow
-def test_two_process_cpu_run_matches_one_process(tmp_path, embedded_paths):
-    common = ["--max_train_steps", "2", "--learning_rate", "1.0", "--adam_epsilon", "1e3", "--adam_weight_decay",
-              "0", "--lr_warmup_steps", "0", "--per_sample_noise", "--checkpointing_steps", "2", *QUIET]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    two = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        SCRIPT, "--output_dir", str(two), "--train_batch_size", "4", *common],
-                       capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    sums = sorted(l.split()[-1] for l in r.stdout.splitlines() if "final weights checksum" in l)
-    assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold identical weights
-    s2 = json.load(open(two / "train_summary.json"))
-    assert s2["world_size"] == 2 and s2["global_batch"] == 8
-    # Only rank 0 logs step lines and writes files (each rank adds only its own RNG state to a checkpoint).
-    assert r.stdout.count("step 2/2 step_loss=") == 1
-    assert sorted(os.listdir(two / "checkpoint-2")) == sorted(
-        ["COMPLETE", "lr_scheduler.pt", "optimizer.pt", "rng_0.pt", "rng_1.pt", "train_state.json",
-         "unet.safetensors"])
-    one = tmp_path / "one"
-    r1 = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(one), "--train_batch_size", "8", *common],
-                        capture_output=True, text=True, timeout=900, env=env)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    a, b = weights(two), weights(one)
-    base = weights(embedded_paths["model"])
-    da = torch.cat([(a[k] - base[k]).flatten() for k in base])
-    db = torch.cat([(b[k] - base[k]).flatten() for k in base])
-    # Same global batch, same per-sample noise: the same update up to float summation order (stated tolerance:
-    # 1e-3 relative to the largest update).
-    assert (da - db).abs().max() <= 1e-3 * db.abs().max()
+def test_kills_at_twenty_seeded_random_moments_never_lose_a_checkpoint_or_the_result(tmp_path, embedded_paths):
+    flags = ["--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"]
+    ref = tmp_path / "ref"
+    assert _run_forked(T2I, argv(ref, 5, *flags, batch=2, ckpt=1))[0] == 0  # also warms the data set cache
+    rc, total = _run_forked(T2I, argv(tmp_path / "count", 5, *flags, batch=2, ckpt=1))
+    assert rc == 0 and total > 40
+    expected = weights(ref)
+    rng = random.Random(1234)
+    # seeded random points over the whole run, plus the last calls (the final save) and a prune's
+    points = sorted(rng.sample(range(1, total + 1), 18)) + [total - 1, total]
+    for i, k in enumerate(points):
+        out = tmp_path / f"k{i}"
+        rc, _ = _run_forked(T2I, argv(out, 5, *flags, batch=2, ckpt=1), kill_at=k)
+        assert rc == 137, (k, rc)
+        if os.path.isdir(out):
+            _checkpoints_all_good(out)  # nothing partial visible as complete
+        rc, _ = _run_forked(T2I, argv(out, 5, *flags, batch=2, ckpt=1))
+        assert rc == 0, k
+        _no_temp_left(out)
+        assert same_weights(weights(out), expected), f"kill at file-system call {k} of {total}"

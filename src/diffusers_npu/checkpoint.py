@@ -10,8 +10,9 @@ Layout of ``output_dir``::
 A folder is *good* only when its ``COMPLETE`` marker exists. The marker is written after every file it
 vouches for has been fsync'ed, and ``os.replace`` of a folder is atomic on POSIX file systems, so a
 ``kill -9`` at any moment leaves either the old set of checkpoints or the new one. ``latest`` resolves to
-the newest good checkpoint; pruning removes a checkpoint's marker FIRST, so a half-deleted checkpoint is
-never seen as complete, and it never removes the newest good one.
+the newest good checkpoint; pruning renames a checkpoint to a temp
+name before deleting it, so a half-deleted checkpoint is never visible, and it never removes the newest good
+one.
 """
 from __future__ import annotations
 
@@ -116,12 +117,16 @@ def abort(tmp: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Delete a folder so that it is never seen as complete on the way: the marker goes first."""
-    marker = os.path.join(path, MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
-        fsync_dir(path)
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a folder so that no half-deleted copy is ever visible under its name: it is renamed to a temp
+    name first (atomic), then removed; a kill in between leaves a ``.tmp-`` folder that the next start
+    collects."""
+    parent, name = os.path.split(os.path.abspath(path))
+    doomed = os.path.join(parent, f".tmp-removing-{name}")
+    if os.path.exists(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    fsync_dir(parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune(output_dir: str, total_limit: int | None, keep: str | None = None) -> list[str]:

@@ -79,8 +79,12 @@ def _json_default(value):
 _DISK_FULL_TEXT = ("no space left", "disk full", "not enough space", "enospc", "errno 28", "error code: 28")
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for any exception (or one it wraps) that means the disk or quota is full."""
+def is_disk_full(exc: BaseException, path: str | None = None) -> bool:
+    """True for any exception (or one it wraps) that means the disk or quota is full. torch.save reports a
+    full disk as a bare stream error ("basic_ios::clear", "unexpected pos ..."); with ``path`` such an I/O
+    error counts when the file system holding ``path`` has (almost) no space left."""
+    if path is not None and isinstance(exc, (OSError, RuntimeError)) and free_bytes(path) < 16 * 2**20:
+        return True
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -92,4 +96,19 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-__all__ = ["fsync_dir", "fsync_file", "fsync_tree", "is_disk_full", "write_json_atomic"]
+def free_bytes(path: str) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent); large if unknown."""
+    path = os.path.abspath(path)
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return 2**62
+    return st.f_bavail * st.f_frsize
+
+
+__all__ = ["free_bytes", "fsync_dir", "fsync_file", "fsync_tree", "is_disk_full", "write_json_atomic"]

@@ -122,10 +122,11 @@ class Checkpointer:
             self._write(tmp)
             self._check_finite(final)
         except BaseException as e:
+            full = is_disk_full(e, a.output_dir)  # before the temp folder goes and frees the space
             if rt.is_main:
                 ckpt.abort(tmp)
                 t.ledger.done(temp=tmp)
-            if is_disk_full(e):
+            if full:
                 raise TrainingError(f"disk full while writing {final}: {str(e).splitlines()[0] if str(e) else e}; "
                                     f"{t.ledger.safety_note()}") from None
             raise

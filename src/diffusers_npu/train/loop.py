@@ -74,9 +74,17 @@ class Trainer:
                 exit_reason = self.train(rng)
                 return self.finish(exit_reason)
             except BaseException as exc:
+                from ..fsutil import is_disk_full
+
+                full = is_disk_full(exc, self.args.output_dir)  # before the clean-up frees space
                 if self.rt is None or self.rt.is_main:
                     self.ledger.cleanup()
-                exc.note = self.ledger.safety_note()  # for the one-line message of main()
+                note = self.ledger.safety_note()
+                if full and not isinstance(exc, TrainingError):
+                    # safetensors and torch.save report ENOSPC in their own words; say it plainly
+                    where = getattr(exc, "filename", None) or "the output"
+                    raise TrainingError(f"disk full while writing {where}; {note}") from None
+                exc.note = note  # for the one-line message of main()
                 raise
             finally:
                 if self.bar is not None:

@@ -316,11 +316,13 @@ class SDXLTask(DiffusionTask):
 
     def lora_text_encoders(self) -> None:
         """LoRA on both text encoders' attention (``--train_text_encoder --use_lora``); the base weights stay in
-        the autocast dtype, the adapters train as fp32 master weights."""
+        the autocast dtype (fp32 when sharded), the adapters train as fp32 master weights."""
         from .tasks import lora
 
         a = self.args
         for te in (self.text_encoder, self.text_encoder_2):
+            if self.rt.sharded:  # FSDP shards them with the adapters: one dtype per unit
+                te.to(torch.float32)
             lora.add_lora(te, a.lora_rank, a.lora_alpha, lora.TEXT_ENCODER_TARGETS, a.lora_dropout)
             te.train()
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+import logging
+
 from diffusers_npu import attention as A
-from diffusers_npu.attention import attention_mode_summary, set_attention
-from fake_torch_npu import install
+from diffusers_npu.attention import attention_mode_summary, count_attention_modules, set_attention
+from fake_torch_npu import SOC_910_9391, SOC_910A, SOC_950, install
 
 MODES = ("default", "flash", "upcast", "auto")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -270,8 +272,8 @@ def test_default_mode_is_diffusers_stock_processor():
 
 # -------------------------------------------------------------------- NPU paths (recording fake)
 def expected_npu_mask(keep, query_len):
-    """Kernel polarity: True where the key is masked OUT; (B, H, Q, K)."""
-    return (~keep)[:, None, None, :].expand(B, HEADS, query_len, keep.shape[1])
+    """Kernel polarity: True where the key is masked OUT; B1SS (one mask for all heads, no BNSS copy)."""
+    return (~keep)[:, None, None, :].expand(B, 1, query_len, keep.shape[1])
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "additive", "bool"])
@@ -403,3 +405,114 @@ def test_npu_kernel_gets_module_scale(monkeypatch, seed):
         out = attn(hidden)
     assert [c["scale"] for c in fake.calls_named("npu_fusion_attention")] == [1.0]
     assert rel_err(out, ref) < 2e-2, f"seed {seed}"
+
+
+# ------------------------------------------------------------------------- SoC gate and logging
+@pytest.mark.parametrize("soc,name,supported", [(221, "Ascend910B2", True), (SOC_910_9391, "Ascend910_9391", True),
+                                                (SOC_910A, "Ascend910A", False), (SOC_950, "Ascend950", False)])
+@pytest.mark.parametrize("mode", ["flash", "auto"])
+def test_npu_soc_gate_falls_back_to_upcast(mode, soc, name, supported, monkeypatch, caplog, seed):
+    """No fusion kernel on the SoC: fp16 goes through the fp32-safe upcast path, still correct."""
+    fake = install(monkeypatch, soc_version=soc)
+    attn = make_attention(True, torch.float16)
+    hidden, context, mask, _ = make_inputs(True, "additive", torch.float16)
+    ref = reference(attn, hidden, context, mask)
+    with caplog.at_level(logging.INFO, logger="diffusers_npu.attention"):
+        set_attention(attn, mode)
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+    assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}"
+    kernel_calls = len(fake.calls_named("npu_fusion_attention"))
+    lines = [r.getMessage() for r in caplog.records if "set_attention(" in r.getMessage()]
+    if supported:
+        assert kernel_calls == 1 and attn.processor.path_counts == {"npu_fusion_attention": 1}
+        assert lines == [f"set_attention({mode}) on Attention: npu_fusion_attention ({name}) for fp16/bf16, "
+                         f"SDPA for fp32 [1 attention module(s)]"]
+    else:
+        assert kernel_calls == 0 and attn.processor.path_counts == {"upcast_fp32": 1}
+        assert lines == [f"set_attention({mode}) on Attention: upcast ({name}: no fusion attention) "
+                         f"[1 attention module(s)]"]
+
+
+def test_fusion_attention_env_override(monkeypatch):
+    from diffusers_npu import device as dev
+
+    install(monkeypatch, soc_version=SOC_910A)
+    assert dev.npu_soc_name() == "Ascend910A" and not dev.npu_supports_fusion_attention()
+    monkeypatch.setenv(dev.FUSION_ATTENTION_ENV, "1")
+    assert dev.npu_supports_fusion_attention()
+    install(monkeypatch)  # 910B2
+    monkeypatch.setenv(dev.FUSION_ATTENTION_ENV, "0")
+    assert not dev.npu_supports_fusion_attention()
+
+
+def test_path_is_logged_once_per_model(caplog):
+    unet, other = tiny_unet(), tiny_unet()
+    with caplog.at_level(logging.INFO, logger="diffusers_npu.attention"):
+        for _ in range(3):
+            set_attention(unet, "auto")
+        set_attention(other, "auto")
+        set_attention(unet, "upcast")
+    lines = [r.getMessage() for r in caplog.records if "set_attention(" in r.getMessage()]
+    assert lines == [
+        "set_attention(auto) on UNet2DConditionModel: SDPA for fp32, upcast for fp16/bf16 (cpu) [8 attention module(s)]",
+        "set_attention(auto) on UNet2DConditionModel: SDPA for fp32, upcast for fp16/bf16 (cpu) [8 attention module(s)]",
+        "set_attention(upcast) on UNet2DConditionModel: upcast (fp32 scores) [8 attention module(s)]",
+    ]
+
+
+def test_module_without_attention_is_quiet(caplog):
+    """Textual inversion trains an Embedding: no warning, nothing changed, and a way to check first."""
+    emb = torch.nn.Embedding(10, 4)
+    assert count_attention_modules(emb) == 0 and count_attention_modules(tiny_unet()) == 8
+    with caplog.at_level(logging.DEBUG, logger="diffusers_npu.attention"):
+        assert set_attention(emb, "auto") is emb
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "Embedding has no diffusers Attention modules" in caplog.records[0].getMessage()
+
+
+def test_per_head_mask_reaches_kernel_as_bnss(monkeypatch, seed):
+    """A mask given per head ((B*heads, 1, K), diffusers' own layout) is BNSS; the kernel lists that too."""
+    fake = install(monkeypatch)
+    attn = make_attention(True, torch.float16)
+    hidden, context, _, _ = make_inputs(True, "none", torch.float16)
+    keep = torch.rand(B * HEADS, 1, K) > 0.4
+    keep[..., 0] = True
+    ref = reference(attn, hidden, context, keep)
+    set_attention(attn, "flash")
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=context, attention_mask=keep)
+    (call,) = fake.calls_named("npu_fusion_attention")
+    assert call["mask_shape"] == (B, HEADS, Q, K)
+    assert torch.equal(call["mask"], (~keep).view(B, HEADS, 1, K).expand(B, HEADS, Q, K))
+    assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}"
+
+
+# ------------------------------------------------------- the stand-in refuses what the kernel refuses
+def _qkv(dtype=torch.float16, b=B, n=HEADS, sq=Q, skv=K, d=DIM_HEAD):
+    return torch.randn(b, n, sq, d).to(dtype), torch.randn(b, n, skv, d).to(dtype), torch.randn(b, n, skv, d).to(dtype)
+
+
+def test_stand_in_rejects_broadcast_mask_shapes(monkeypatch):
+    fake = install(monkeypatch)
+    q, k, v = _qkv()
+    for shape in [(B, 1, 1, K), (1, HEADS, Q, K), (B, Q, K), (B, 1, Q, K + 1)]:
+        with pytest.raises(RuntimeError, match="get unsupported atten_mask shape"):
+            fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=torch.zeros(shape, dtype=torch.bool))
+    for shape in [(B, HEADS, Q, K), (B, 1, Q, K), (1, 1, Q, K), (Q, K)]:  # what the API page lists
+        fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=torch.zeros(shape, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool/uint8"):
+        fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=torch.zeros(B, 1, Q, K))
+
+
+def test_stand_in_rejects_fp32_big_heads_and_unsupported_soc(monkeypatch):
+    fake = install(monkeypatch)
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        fake.npu_fusion_attention(*_qkv(torch.float32), HEADS, "BNSD")
+    with pytest.raises(ValueError, match="head dim must be 1..768"):
+        fake.npu_fusion_attention(*_qkv(d=800), HEADS, "BNSD")
+    with pytest.raises(ValueError, match="BNSD expects"):
+        fake.npu_fusion_attention(*_qkv(), HEADS + 1, "BNSD")
+    fake = install(monkeypatch, soc_version=SOC_910A)
+    with pytest.raises(RuntimeError, match="not supported on Ascend910A"):
+        fake.npu_fusion_attention(*_qkv(), HEADS, "BNSD")

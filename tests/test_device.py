@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diffusers_npu import device as dev
-from fake_torch_npu import fake_npu, install, no_npu  # noqa: F401  (pytest fixtures)
+from diffusers_npu.errors import UsageError
+from fake_torch_npu import SOC_910_9391, SOC_910A, SOC_950, fake_npu, install, no_npu  # noqa: F401  (fixtures)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -85,7 +86,7 @@ def test_unknown_device_is_rejected(monkeypatch):
 def test_apply_device_settings_npu(fake_npu, jit):
     applied = dev.apply_device_settings("npu:0", jit_compile=jit)
     assert applied == {"allow_internal_format": False, "jit_compile": jit}
-    assert torch.npu.config.allow_internal_format is False
+    # The flag is write-only on real torch_npu: the recorded writes are the evidence, never a read-back.
     assert fake_npu.calls_named("torch.npu.config.set") == [
         {"name": "torch.npu.config.set", "attr": "allow_internal_format", "value": False}
     ]
@@ -112,7 +113,7 @@ def test_npu_runtime_helpers_reach_torch_npu(fake_npu):
     dev.reset_peak_memory("npu")
     assert [c["name"] for c in fake_npu.calls] == ["synchronize", "empty_cache", "reset_peak_memory_stats"]
     assert dev.peak_memory_bytes("npu") == 123456
-    assert dev.device_name("npu:0") == "Ascend910B (fake)"
+    assert dev.device_name("npu:0") == "Ascend910B2"
     assert dev.supports_bf16("npu") is True
     assert dev.amp_device_type("npu:3") == "npu"
 
@@ -162,3 +163,148 @@ def test_seed_everything_does_not_import_torch_npu_needlessly(no_npu):
     dev.seed_everything(1)
     # The no_npu fixture leaves the cache unset; seeding must not have tried the import.
     assert dev._torch_npu_cache is dev._UNSET
+
+
+# ------------------------------------------------------------------------------ SoC and status
+@pytest.mark.parametrize("version,name,fused", [(221, "Ascend910B2", True), (225, "Ascend910B4-1", True),
+                                                (SOC_910_9391, "Ascend910_9391", True), (SOC_910A, "Ascend910A", False),
+                                                (104, "Ascend910B", False), (SOC_950, "Ascend950", False),
+                                                (202, "Ascend310P3", False)])
+def test_soc_name_and_fusion_attention_gate(monkeypatch, version, name, fused):
+    install(monkeypatch, soc_version=version)
+    assert dev.npu_soc_name() == name
+    assert dev.npu_supports_fusion_attention() is fused
+
+
+def test_unknown_soc_version_falls_back_to_the_device_name(monkeypatch):
+    fake = install(monkeypatch, soc_version=999)
+    assert dev.npu_soc_name() == "Ascend(soc 999)"  # what the fake's get_device_name reports
+    assert fake.calls_named("get_device_name") and dev.npu_supports_fusion_attention() is False
+
+
+def test_npu_status_says_why(monkeypatch, no_npu):
+    assert dev.npu_status() == (False, "torch_npu is not installed")
+    monkeypatch.setattr(dev, "_torch_npu_cache", None)
+    monkeypatch.setattr(dev, "_torch_npu_import_error", OSError("libascendcl.so: cannot open shared object file"))
+    usable, why = dev.npu_status()
+    assert not usable and "cannot be imported (OSError: libascendcl.so" in why and "set_env.sh" in why
+    install(monkeypatch, device_count=0)
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "")
+    usable, why = dev.npu_status()
+    assert not usable and why.startswith("torch_npu imports but reports no usable NPU (is_available()=False, "
+                                         "device_count()=0; ASCEND_RT_VISIBLE_DEVICES='')")
+    install(monkeypatch, device_count=8)
+    assert dev.npu_status() == (True, "8 NPU(s) usable (Ascend910B2)")
+
+
+# ------------------------------------------------------------------------------------ GradScaler
+def test_make_grad_scaler_npu_uses_torch_npus_own(fake_npu):
+    scaler = dev.make_grad_scaler("npu:0", init_scale=1024.0)
+    assert type(scaler) is fake_npu.npu.amp.GradScaler and scaler.get_scale() == 1024.0
+    sharded = dev.make_grad_scaler("npu", sharded=True)
+    assert type(sharded) is fake_npu.npu.amp.sharded_grad_scaler.ShardedGradScaler
+    assert [c["name"] for c in fake_npu.calls] == ["GradScaler", "ShardedGradScaler"]
+    assert dev.make_grad_scaler("npu", enabled=False).is_enabled() is False
+
+
+def test_make_grad_scaler_elsewhere_is_torchs(no_npu):
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    cpu = dev.make_grad_scaler("cpu")
+    assert type(cpu) is torch.amp.GradScaler and cpu._device == "cpu" and cpu.is_enabled()
+    cuda = dev.make_grad_scaler("cuda", enabled=False)
+    assert type(cuda) is torch.amp.GradScaler and cuda._device == "cuda"
+    sharded = dev.make_grad_scaler("cpu", sharded=True)
+    assert type(sharded) is ShardedGradScaler and sharded._device == "cpu"
+    with pytest.raises(RuntimeError, match="make_grad_scaler\\('npu'\\) needs torch_npu"):
+        dev.make_grad_scaler("npu")
+
+
+def test_npu_grad_scaler_skips_an_overflow_step(fake_npu):
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    scaler = dev.make_grad_scaler("npu", init_scale=2.0**10)
+    scaler.scale(lin(torch.ones(1, 3)).sum()).backward()
+    lin.weight.grad[0, 0] = float("inf")
+    before = lin.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(lin.weight.detach(), before) and scaler.get_scale() == 2.0**9
+
+
+# ------------------------------------------------------- the stand-in refuses what torch_npu refuses
+def test_stand_in_config_is_write_only(fake_npu):
+    torch.npu.config.allow_internal_format = False
+    with pytest.raises(AttributeError, match="allow_internal_format"):
+        torch.npu.config.allow_internal_format  # noqa: B018  (reading is the wrong call)
+    assert fake_npu.calls_named("torch.npu.config.set")[-1]["value"] is False
+
+
+def test_stand_in_set_compile_mode_defaults_to_no_jit(fake_npu):
+    fake_npu.npu.set_compile_mode()
+    assert fake_npu.calls_named("set_compile_mode") == [{"name": "set_compile_mode", "jit_compile": False}]
+
+
+def test_stand_in_refuses_channels_last_on_npu(monkeypatch):
+    unet = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 1))
+    install(monkeypatch, pretend_npu=False)
+    unet.to(memory_format=torch.channels_last)  # a CPU model: allowed
+    unet.to(memory_format=torch.contiguous_format)
+    fake = install(monkeypatch)
+    with pytest.raises(RuntimeError, match="Only contiguous_format or preserve_format is supported"):
+        unet.to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="NPU contiguous operator only supported contiguous memory format"):
+        torch.zeros(1, 2, 3, 4).contiguous(memory_format=torch.channels_last)
+    unet.to(memory_format=torch.contiguous_format)  # the formats torch_npu accepts still pass
+    unet.to(torch.float32)
+    assert [c["call"] for c in fake.calls_named("refused")] == ["Tensor.to", "Tensor.contiguous"]
+
+
+def test_stand_in_grad_scaler_takes_no_device_and_npu_tensors_only(monkeypatch):
+    fake = install(monkeypatch)
+    with pytest.raises(TypeError, match="takes no device"):
+        fake.npu.amp.GradScaler("npu")
+    install(monkeypatch, pretend_npu=False)
+    with pytest.raises(ValueError, match="Device type of outputs should be npu"):
+        fake.npu.amp.GradScaler().scale(torch.ones(()))
+
+
+# ------------------------------------------------------------------------------------ CPU threads
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_respect_omp_num_threads(monkeypatch, threads_restored):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert dev.configure_cpu_threads() == (3, "CPU threads: 3 per process (OMP_NUM_THREADS=3)")
+    assert torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
+    assert dev.configure_cpu_threads(local_world_size=4)[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(UsageError, match="OMP_NUM_THREADS='many' is not a positive whole number"):
+        dev.configure_cpu_threads()
+
+
+def test_cpu_threads_share_and_probe(monkeypatch, threads_restored):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dev, "available_cpu_cores", lambda: 4)
+    probed = []
+    monkeypatch.setattr(dev, "_thread_probe", lambda n: probed.append(n) or speed[0])
+    assert dev.configure_cpu_threads(local_world_size=4) == (
+        1, "CPU threads: 1 per process (4 core(s) for 4 process(es) on this machine)")
+    assert probed == []  # one core each: nothing to decide
+    speed = [1.8]
+    threads, why = dev.configure_cpu_threads(local_world_size=2)
+    assert (threads, probed, torch.get_num_threads()) == (2, [2], 2) and "2 threads 1.8x as fast as 1" in why
+    speed[0] = 0.6  # the other cores are busy: more threads would be slower
+    threads, why = dev.configure_cpu_threads()
+    assert threads == 1 and torch.get_num_threads() == 1 and "only 0.60x" in why and "OMP_NUM_THREADS" in why
+
+
+def test_thread_probe_measures_and_restores(threads_restored):
+    torch.set_num_threads(1)
+    ratio = dev._thread_probe(2, budget_s=0.02)
+    assert 0 < ratio < 100 and torch.get_num_threads() == 1

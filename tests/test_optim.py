@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from diffusers_npu import optim as O
-from diffusers_npu.optim import build_optimizer, clip_grad_norm, optimizer_name_from_flags, zero_grad
+from diffusers_npu.optim import (build_optimizer, clip_grad_norm, optimizer_name_from_flags, supports_sync_free_amp,
+                                 zero_grad)
 from fake_torch_npu import install
 
 LR, BETAS, EPS, WD, STEPS = 1e-2, (0.9, 0.99), 1e-8, 0.1, 20
@@ -33,6 +34,15 @@ def rel(a, b):
     return float((a.double() - b).norm() / b.norm())
 
 
+def set_grad(p, g):
+    """Write a gradient the way backward() does: into the existing .grad when there is one (NpuFusedAdamW
+    steps from the buffer its grads were combined into, and ignores a replaced .grad)."""
+    if p.grad is None:
+        p.grad = g.to(p.dtype)
+    else:
+        p.grad.copy_(g)
+
+
 def run_against_reference(opt_factory, seed, steps=STEPS):
     """Step `opt_factory(params)` and float64 torch AdamW on identical random gradients."""
     model = small_model()
@@ -45,7 +55,7 @@ def run_against_reference(opt_factory, seed, steps=STEPS):
         for p, r in zip(params, ref_params):
             g = torch.randn(p.shape, dtype=torch.float64)
             r.grad = g.clone()
-            p.grad = g.to(p.dtype)
+            set_grad(p, g)
         opt.step()
         ref_opt.step()
     for i, (p, r) in enumerate(zip(params, ref_params)):
@@ -156,6 +166,15 @@ def test_megatron_state_dict_roundtrip(seed):
     opt2.load_state_dict(opt.state_dict())
     p0 = next(m.parameters())
     assert opt2.state[p0]["step"] == 1 and torch.equal(opt2.state[p0]["exp_avg"], opt.state[p0]["exp_avg"])
+    # A checkpoint of an earlier release kept the step as a Python int: it resumes, as the same step.
+    old = opt.state_dict()
+    for state in old["state"].values():
+        state["step"] = int(state["step"])
+    opt3 = build_optimizer("megatron_adamw", m.parameters(), lr=LR)
+    opt3.load_state_dict(old)
+    opt.step()
+    opt3.step()
+    assert float(opt3.state[p0]["step"]) == 2 and torch.equal(opt3.state[p0]["exp_avg"], opt.state[p0]["exp_avg"])
 
 
 # ------------------------------------------------------------------------------- flags / zero_grad
@@ -225,7 +244,8 @@ def test_clip_plain():
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     loss_fn().backward()
     norm = clip_grad_norm(opt, lin.parameters(), 1.0)
-    assert isinstance(norm, float) and norm == pytest.approx(KNOWN_NORM, rel=1e-3)
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0 and norm.device == lin.weight.device
+    assert float(norm) == pytest.approx(KNOWN_NORM, rel=1e-3)
     assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
 
 
@@ -240,7 +260,7 @@ def test_clip_with_gradscaler_sees_unscaled_grads(fused, monkeypatch):
     assert grad_norm(lin.parameters()) == pytest.approx(KNOWN_NORM * 1024, rel=1e-3)  # really scaled
 
     norm = clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler)
-    assert norm == pytest.approx(KNOWN_NORM, rel=1e-3), "clip measured scaled gradients"
+    assert float(norm) == pytest.approx(KNOWN_NORM, rel=1e-3), "clip measured scaled gradients"
     assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
     if fused:
         (call,) = fake.calls_named("clip_grad_norm_fused_")
@@ -268,7 +288,7 @@ def test_clip_tolerates_prior_unscale():
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-3)
     scaler.scale(loss_fn()).backward()
     scaler.unscale_(opt)
-    assert clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler) == pytest.approx(KNOWN_NORM, rel=1e-3)
+    assert float(clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler)) == pytest.approx(KNOWN_NORM, rel=1e-3)
 
 
 @pytest.fixture
@@ -302,7 +322,7 @@ def test_clip_with_accelerator_sees_unscaled_grads(fused, fp16_accelerator, monk
     assert grad_norm(lin.parameters()) == pytest.approx(KNOWN_NORM * 1024, rel=1e-3)
 
     norm = clip_grad_norm(opt, lin.parameters(), 1.0, accelerator=acc)
-    assert norm == pytest.approx(KNOWN_NORM, rel=1e-3)
+    assert float(norm) == pytest.approx(KNOWN_NORM, rel=1e-3)
     assert grad_norm(lin.parameters()) == pytest.approx(1.0, rel=1e-3)
     if fused:
         assert fake.calls_named("clip_grad_norm_fused_")[0]["seen_norm"] == pytest.approx(KNOWN_NORM, rel=1e-3)
@@ -315,3 +335,161 @@ def test_clip_with_accelerator_sees_unscaled_grads(fused, fp16_accelerator, monk
 def test_clip_rejects_two_scalers(fp16_accelerator):
     with pytest.raises(ValueError, match="either accelerator= or scaler="):
         clip_grad_norm(None, [], 1.0, accelerator=fp16_accelerator, scaler=torch.amp.GradScaler("cpu"))
+
+
+# ------------------------------------------------------------------------- no host synchronisation
+class HostReads:
+    """Count (and forbid) the ways a tensor's value reaches the host: item, float, bool, tolist."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in ("item", "__float__", "__bool__", "tolist"):
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._spy(name, real))
+
+    def _spy(self, name, real):
+        def spy(t, *a, **k):
+            self.calls.append(name)
+            return real(t, *a, **k)
+        return spy
+
+
+def scaled_step(opt_name, grad_scale_overflow, monkeypatch, clip=True):
+    """One fp16 GradScaler step (optionally with a non-finite gradient and a clip); returns what it read."""
+    lin, loss_fn = known_grad_setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = build_optimizer(opt_name, lin.parameters(), lr=1e-2, grad_scaling=True)
+    scaler.scale(loss_fn()).backward()
+    if grad_scale_overflow:
+        lin.weight.grad[0, 0] = float("inf")
+    reads = HostReads(monkeypatch)
+    if clip:
+        norm = clip_grad_norm(opt, lin.parameters(), 1.0, scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    monkeypatch.undo()
+    return reads.calls, lin, opt, scaler, (norm if clip else None)
+
+
+@pytest.mark.parametrize("name", ["adamw", "fused_adamw", "megatron_adamw"])
+def test_grad_scaling_optimizers_step_without_host_reads(name, monkeypatch):
+    reads, lin, opt, scaler, norm = scaled_step(name, False, monkeypatch)
+    assert supports_sync_free_amp(opt)
+    assert reads == [], f"{name}: the fp16 step read {reads} on the host"
+    assert float(norm) == pytest.approx(KNOWN_NORM, rel=1e-3) and scaler.get_scale() == 1024.0
+
+
+def test_foreach_adamw_under_a_scaler_does_read_the_host(monkeypatch):
+    """Why build_optimizer(grad_scaling=True) swaps the implementation: the foreach one makes the scaler wait."""
+    lin, loss_fn = known_grad_setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = build_optimizer("adamw", lin.parameters(), lr=1e-2)
+    assert opt.defaults["foreach"] is True and not supports_sync_free_amp(opt)
+    scaler.scale(loss_fn()).backward()
+    reads = HostReads(monkeypatch)
+    scaler.step(opt)
+    monkeypatch.undo()
+    assert "item" in reads.calls
+
+
+@pytest.mark.parametrize("name", ["fused_adamw", "megatron_adamw"])
+def test_overflow_step_is_skipped_on_the_device(name, monkeypatch):
+    reads, lin, opt, scaler, _ = scaled_step(name, True, monkeypatch, clip=False)
+    assert reads == []
+    before = lin.weight.detach().clone()
+    assert scaler.get_scale() == 512.0  # halved
+    state = opt.state[lin.weight]
+    assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    # The next, finite step trains, as a first step (bias correction of step 1).
+    lin.weight.grad = torch.full_like(lin.weight, 512.0)  # = 1.0 once unscaled
+    scaler.step(opt)
+    scaler.update()
+    assert float(state["step"]) == 1
+    expected = before * (1 - 1e-2 * 1e-2) - 1e-2 * torch.ones_like(before)  # AdamW step 1: lr * m_hat/sqrt(v_hat)
+    assert torch.allclose(lin.weight.detach(), expected, atol=1e-5)
+
+
+def test_megatron_with_skips_tracks_float64_reference(seed):
+    """Skipped steps leave no trace: megatron under a scaler with two overflows == AdamW on the other steps."""
+    model = small_model()
+    params = list(model.parameters())
+    ref_params = [p.detach().double().clone().requires_grad_(True) for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    opt = build_optimizer("megatron_adamw", params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, grad_scaling=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1000)
+    scaler.scale(torch.ones(()))  # creates the scale tensor, as the loss scaling of a real step would
+    for step in range(12):
+        scale = scaler.get_scale()
+        for p, r in zip(params, ref_params):
+            g = torch.randn(p.shape, dtype=torch.float64)
+            set_grad(p, g * scale)
+            r.grad = g
+        if step in (3, 7):
+            params[0].grad.view(-1)[0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+        if step not in (3, 7):
+            ref.step()
+    for p, r in zip(params, ref_params):
+        assert rel(p.detach(), r.detach()) < 1e-6, f"seed {seed}"
+    assert float(opt.state[params[0]]["step"]) == 10
+
+
+def test_megatron_on_npu_leaves_overflow_to_the_scaler(monkeypatch):
+    install(monkeypatch)
+    opt = build_optimizer("megatron_adamw", small_model().parameters(), lr=LR, grad_scaling=True)
+    assert not supports_sync_free_amp(opt)  # npu_apply_adam_w cannot skip on the device
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.found_inf = torch.zeros(())
+    with pytest.raises(RuntimeError, match="use torch_npu's GradScaler"):
+        opt.step()
+
+
+# --------------------------------------------------- the stand-in refuses what torch_npu refuses
+def test_stand_in_rejects_wrong_npu_apply_adam_w_calls(monkeypatch):
+    fake = install(monkeypatch)
+    var, m, v, g = (torch.zeros(3) for _ in range(4))
+    args = (1.0, 1.0, 1e-3, 1e-2, 0.9, 0.999)
+    with pytest.raises(TypeError, match="eps"):  # the 7th argument is `epsilon`
+        fake.npu_apply_adam_w(*args, eps=1e-8, grad=g, max_grad_norm=None, amsgrad=False, maximize=False,
+                              out=(var, m, v))
+    with pytest.raises(TypeError):  # out is keyword-only
+        fake.npu_apply_adam_w(*args, 1e-8, g, None, False, False, (var, m, v))
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        fake.npu_apply_adam_w(*args, 1e-8, torch.zeros(4), None, False, False, out=(var, m, v))
+    with pytest.raises(RuntimeError, match="amsgrad is only supported as False"):
+        fake.npu_apply_adam_w(*args, 1e-8, g, None, True, False, out=(var, m, v))
+    fake.npu_apply_adam_w(*args, epsilon=1e-8, grad=g, out=(var, m, v))  # the documented form passes
+
+
+def test_stand_in_npu_fused_adamw_contract(monkeypatch):
+    fake = install(monkeypatch)
+    Fused = fake.optim.NpuFusedAdamW
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    opt = Fused([a, b], lr=0.1)
+    assert opt.defaults["weight_decay"] == 1e-2  # torch_npu's default, not torch's 0 or AdamW's
+    a.grad = torch.ones(4)  # b has no gradient at the first step...
+    opt.step()
+    b.grad = torch.ones(4)  # ...so it is never combined, never updated
+    a.grad = torch.ones(4)  # and a replaced grad is not what the fused step reads
+    before = (a.detach().clone(), b.detach().clone())
+    opt.step()
+    assert torch.equal(b.detach(), before[1])
+    assert not torch.allclose(a.detach(), before[0])  # a moved, from the stale (combined) gradient
+    with pytest.raises(ValueError, match="set_to_none is not supported"):
+        opt.zero_grad(set_to_none=True)
+
+    half = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    half.grad = torch.ones(4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        Fused([half]).step()
+    strided = nn.Parameter(torch.ones(4, 4).t())
+    strided.grad = torch.ones(4, 4).t()
+    with pytest.raises(RuntimeError, match="contiguous"):
+        Fused([strided]).step()
+    install(monkeypatch, pretend_npu=False)
+    cpu = nn.Parameter(torch.ones(4))
+    cpu.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="must be on NPU"):
+        Fused([cpu]).step()

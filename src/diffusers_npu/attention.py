@@ -3,9 +3,10 @@
 ``set_attention(model, mode)`` installs one of our processors on every plain diffusers ``Attention``
 module inside ``model`` (a UNet, a ControlNet, a VAE, or a single ``Attention``):
 
-* ``"flash"``  -- the fused kernel of the device: ``torch_npu.npu_fusion_attention`` on NPU (fp16/bf16
-  only; fp32 falls back to fp32 SDPA), SDPA restricted to the flash / memory-efficient / cuDNN backends
-  on CUDA, plain SDPA on CPU.
+* ``"flash"``  -- the fused kernel of the device: ``torch_npu.npu_fusion_attention`` on NPU SoCs that have
+  it (fp16/bf16 only; fp32 falls back to fp32 SDPA; SoCs without it -- e.g. the first-generation 910A --
+  use ``upcast``, see :func:`diffusers_npu.device.npu_supports_fusion_attention`), SDPA restricted to the
+  flash / memory-efficient / cuDNN backends on CUDA, plain SDPA on CPU.
 * ``"upcast"`` -- scores, mask and softmax computed in fp32 with autocast disabled, output cast back to
   the input dtype. This is the fix for fp16 overflow (``|q.k| * scale > 65504`` becomes ``inf`` in the
   classic ``baddbmm`` path, and the softmax turns it into NaN).
@@ -23,11 +24,16 @@ Masks: diffusers hands processors either an *additive* float mask (0 = keep, a l
 as -10000, ``finfo.min`` or ``-inf`` = drop) or a boolean *keep* mask (True = attend, SDPA's convention).
 ``npu_fusion_attention`` wants the opposite polarity: a bool mask where True = masked OUT. An additive
 mask holding other values (a soft bias) cannot be expressed as a bool mask, so such calls use the fp32
-path instead of the kernel rather than silently dropping the bias.
+path instead of the kernel rather than silently dropping the bias. A mask that is the same for every head
+(all diffusers masks given per sample) is kept with a head dimension of 1 and reaches the kernel as B1SS
+(11SS for batch 1): the shapes its API page lists are BNSS, B1SS, 11SS and SS, and [B,1,1,S] is refused
+(torch_npu-npu_fusion_attention.md in Ascend/op-plugin; the refusal is quoted in huggingface/diffusers#13490),
+so the query axis is expanded, but never the head axis.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from typing import Dict, Optional
 
@@ -54,6 +60,8 @@ _INT32_MAX = 2147483647
 _UPCAST_MAX_SCORE_BYTES = 256 * 1024 * 1024
 
 _warned: set = set()
+# model -> the set_attention messages already logged for it, so each model's path is logged once.
+_logged: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def _is_compiling() -> bool:
@@ -71,12 +79,20 @@ def _warn_once(key: str, message: str) -> None:
 
 # --------------------------------------------------------------------------------------------- masks
 def _prepare_mask(attn: Attention, attention_mask, key_len: int, batch_size: int):
-    """diffusers mask -> (B, heads, Q or 1, K); float (additive) or bool (True = keep)."""
+    """diffusers mask -> (B, 1 or heads, Q or 1, K); float (additive) or bool (True = keep).
+
+    A per-sample mask ((B, K) or (B, Q|1, K)) gets a head dimension of 1 (broadcast by every kernel)
+    instead of diffusers' copy per head; per-head masks ((B*heads, Q|1, K)) go through diffusers' own
+    preparation.
+    """
     if attention_mask is None:
         return None
     if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
         # Integer masks follow the tokenizer convention (1 = keep); make that explicit as a bool keep-mask.
         attention_mask = attention_mask != 0
+    mask = attention_mask.unsqueeze(1) if attention_mask.dim() == 2 else attention_mask
+    if mask.dim() == 3 and mask.shape[0] == batch_size and mask.shape[-1] == key_len:
+        return mask.unsqueeze(1)
     mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
     return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
 
@@ -91,9 +107,10 @@ def _mask_for_sdpa(mask, dtype: torch.dtype):
 def npu_bool_mask(mask: Optional[torch.Tensor], query_len: int) -> Optional[torch.Tensor]:
     """Translate a prepared diffusers mask (B, H, Q|1, K) into npu_fusion_attention's mask.
 
-    Returns a contiguous bool tensor of shape (B, H, Q, K) where True = masked OUT, or raises
-    ``ValueError`` if the mask is a soft additive bias (values other than 0 and <= -1000) that a bool
-    mask cannot represent. ``None`` stays ``None``.
+    Returns a contiguous bool tensor where True = masked OUT, of shape (B, 1, Q, K) (B1SS; 11SS for
+    B = 1) when the mask is the same for every head, else (B, H, Q, K) (BNSS); or raises ``ValueError`` if
+    the mask is a soft additive bias (values other than 0 and <= -1000) that a bool mask cannot represent.
+    ``None`` stays ``None``. Checking for a soft bias reads one bool on the host (float masks only).
     """
     if mask is None:
         return None
@@ -105,6 +122,8 @@ def npu_bool_mask(mask: Optional[torch.Tensor], query_len: int) -> Optional[torc
         if not bool((masked_out | kept).all()):
             raise ValueError("additive attention mask holds soft bias values; a bool mask cannot express them")
     b, h, _, k = masked_out.shape
+    # Q is expanded because the kernel takes no [B,1,1,S]; materialised because a stride-0 view's layout
+    # is not documented as accepted.
     return masked_out.expand(b, h, query_len, k).contiguous()
 
 
@@ -267,6 +286,10 @@ class _DiffusersNpuAttnProcessor:
         """Device's fused kernel; falls back (fp32-safe) when the kernel cannot take the inputs."""
         kind = _device.tensor_device_type(q)
         if kind == "npu":
+            if not _device.npu_supports_fusion_attention():
+                # No fusion kernel on this SoC (e.g. 910A): the fp32-safe path for half, plain SDPA for fp32.
+                return self._run_upcast(attn, q, k, v, mask) if q.dtype in _HALF_DTYPES else \
+                    self._run_sdpa(attn, q, k, v, mask)
             if q.dtype not in _HALF_DTYPES:
                 # The kernel only takes fp16/bf16; fp32 must never reach it.
                 _warn_once("npu_fp32", "npu_fusion_attention needs fp16/bf16 inputs; using fp32 SDPA instead.")
@@ -355,6 +378,34 @@ def _skip_reason(attn: Attention) -> Optional[str]:
     return None
 
 
+def count_attention_modules(model: nn.Module) -> int:
+    """Number of diffusers ``Attention`` modules in ``model`` (0 for e.g. a text encoder's ``Embedding``).
+
+    Callers that train modules which may hold no attention (textual inversion's embedding) check this
+    before :func:`set_attention` instead of relying on its message.
+    """
+    return sum(isinstance(m, Attention) for m in model.modules())
+
+
+def describe_attention_path(mode: str, model: nn.Module) -> str:
+    """Which kernel ``mode`` gives ``model``'s attention on the device its parameters are on (for the log)."""
+    key = str(mode).strip().lower()
+    if key == "default":
+        return "diffusers' stock processor"
+    if key == "upcast":
+        return "upcast (fp32 scores)"
+    param = next(model.parameters(), None)
+    kind = _device.tensor_device_type(param) if param is not None else "cpu"
+    if kind == "npu":
+        soc = _device.npu_soc_name() or "unknown SoC"
+        if not _device.npu_supports_fusion_attention():
+            return f"upcast ({soc}: no fusion attention)"
+        return f"npu_fusion_attention ({soc}) for fp16/bf16, SDPA for fp32"
+    if kind == "cuda":
+        return "fused SDPA (flash / memory-efficient / cuDNN)"
+    return f"SDPA ({kind})" if key == "flash" else f"SDPA for fp32, upcast for fp16/bf16 ({kind})"
+
+
 def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
     """Install the attention implementation ``mode`` on every diffusers ``Attention`` in ``model``.
 
@@ -363,6 +414,10 @@ def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
             ``Attention``...). Modules our processors cannot serve (added-KV / joint attention, GQA,
             causal, processors holding weights) keep their processor; this is logged.
         mode: one of ``"auto"``, ``"flash"``, ``"upcast"``, ``"default"`` (case-insensitive).
+
+    Logs once per model (INFO) which path it got, e.g. ``set_attention(auto) on UNet2DConditionModel:
+    npu_fusion_attention (Ascend910B2) ...`` or ``...: upcast (Ascend910A: no fusion attention)``. A model
+    without attention modules is left alone with a DEBUG line (see :func:`count_attention_modules`).
 
     Returns:
         ``model`` itself, for chaining.
@@ -381,11 +436,18 @@ def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
             continue
         module.set_processor(shared if shared is not None else stock_processor(module))
         changed += 1
+    name = type(model).__name__
     if changed == 0 and not skipped:
-        _warn_once(f"noattn-{type(model).__name__}", f"set_attention: {type(model).__name__} has no diffusers Attention modules.")
+        logger.debug("set_attention(%s): %s has no diffusers Attention modules; nothing to do", key, name)
+        return model
     for reason, count in skipped.items():
-        logger.info("set_attention(%s): kept the processor of %d module(s): %s", key, count, reason)
-    logger.info("set_attention(%s): %d attention module(s) updated", key, changed)
+        logger.info("set_attention(%s): kept the processor of %d module(s) of %s: %s", key, count, name, reason)
+    if changed:
+        message = f"set_attention({key}) on {name}: {describe_attention_path(key, model)}"
+        seen = _logged.setdefault(model, set())
+        if message not in seen:
+            seen.add(message)
+            logger.info("%s [%d attention module(s)]", message, changed)
     return model
 
 
@@ -404,6 +466,8 @@ __all__ = [
     "FlashAttnProcessor",
     "UpcastAttnProcessor",
     "attention_mode_summary",
+    "count_attention_modules",
+    "describe_attention_path",
     "npu_bool_mask",
     "set_attention",
     "stock_processor",

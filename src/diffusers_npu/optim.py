@@ -2,7 +2,8 @@
 
 ``build_optimizer(name, params, lr, ...)`` names:
 
-* ``adamw``          -- ``torch.optim.AdamW`` with the multi-tensor (foreach) implementation.
+* ``adamw``          -- ``torch.optim.AdamW`` with the multi-tensor (foreach) implementation (its fused
+  kernel when ``grad_scaling=True`` on CUDA/CPU, so that an fp16 GradScaler step needs no host sync).
 * ``fused_adamw``    -- ``torch_npu.optim.NpuFusedAdamW`` when the parameters live on an NPU, otherwise
   ``torch.optim.AdamW(fused=True)`` (CUDA and, since torch 2.4, CPU); falls back to ``adamw`` with a
   warning where the fused kernel is unavailable.
@@ -14,13 +15,12 @@ NPU paths are chosen from the *parameters'* device type (via ``diffusers_npu.dev
 the test seam), never from a global setting, and torch_npu is only reached through
 ``diffusers_npu.device.get_torch_npu``.
 
-``clip_grad_norm`` unscales fp16 gradients before measuring them. The original port called
-``optimizer.clip_grad_norm_fused_()`` directly under a loss scaler and so clipped still-scaled gradients:
-effectively never clipping, and reporting a norm ``scale`` times too large.
+``clip_grad_norm`` unscales fp16 gradients before measuring them, and returns the norm as a device tensor.
+The original port called ``optimizer.clip_grad_norm_fused_()`` directly under a loss scaler and so clipped
+still-scaled gradients: effectively never clipping, and reporting a norm ``scale`` times too large.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable, Optional, Tuple
 
@@ -84,6 +84,16 @@ class MegatronAdamW(torch.optim.Optimizer):
     bias-correcting (see Ascend's reference implementation of the op), so step ``t`` (1-based) passes
     ``beta**(t-1)``, as Ascend's MindSpeed AdamW does. Elsewhere the identical update runs as torch ops;
     both match ``torch.optim.AdamW`` (amsgrad=False, maximize=False).
+
+    fp16 without host synchronisation (CUDA / CPU): the torch path sets ``_step_supports_amp_scaling``, so
+    ``GradScaler.step`` hands it ``grad_scale`` and ``found_inf`` (device tensors, as for torch's fused
+    AdamW) instead of reading ``found_inf`` on the host; the step unscales the gradients and, where
+    ``found_inf`` is set, keeps parameters, moments and step count unchanged (``torch.where`` on the device).
+    The NPU path cannot: ``npu_apply_adam_w`` takes host scalars and always writes, so with NPU parameters
+    the flag is off and the (torch_npu) scaler checks for overflow on the host before stepping.
+
+    ``state["step"]`` is a 0-dim float64 tensor: on the parameter's device for the torch path (so skipping
+    stays on the device), on the CPU for the NPU path (read as a host number for the kernel's scalars).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -96,6 +106,9 @@ class MegatronAdamW(torch.optim.Optimizer):
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay: {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        on_npu = any(_device.tensor_device_type(p) == "npu" for g in self.param_groups for p in g["params"])
+        # An instance attribute: GradScaler reads it with getattr() on the optimizer it is given.
+        self._step_supports_amp_scaling = not on_npu
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,6 +116,10 @@ class MegatronAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by GradScaler.step for optimizers with _step_supports_amp_scaling (None when not scaling, or
+        # when the gradients were unscaled already by scaler.unscale_).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]
@@ -111,46 +128,67 @@ class MegatronAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MegatronAdamW does not support sparse gradients.")
+                npu = _device.tensor_device_type(p) == "npu"
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if _device.tensor_device_type(p) == "npu":
-                    torch_npu = _device.get_torch_npu()
-                    if torch_npu is None:
-                        raise RuntimeError("MegatronAdamW: parameters are on an NPU but torch_npu cannot be imported.")
-                    torch_npu.npu_apply_adam_w(
-                        beta1 ** (step - 1),
-                        beta2 ** (step - 1),
-                        lr,
-                        weight_decay,
-                        beta1,
-                        beta2,
-                        eps,
-                        p.grad,
-                        None,  # max_grad_norm: only used with amsgrad
-                        False,  # amsgrad
-                        False,  # maximize
-                        out=(p.data, exp_avg, exp_avg_sq),
-                    )
+                if not torch.is_tensor(state["step"]):  # new state, or a checkpoint from an int-step release
+                    # float64: bias corrections like 1 - 0.999**t lose 1e-5 relative in float32.
+                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float64,
+                                                 device="cpu" if npu else p.device)
+                if npu:
+                    if grad_scale is not None or found_inf is not None:
+                        raise RuntimeError("MegatronAdamW: NPU parameters cannot be stepped with grad_scale/"
+                                           "found_inf; use torch_npu's GradScaler (make_grad_scaler('npu')).")
+                    _npu_adamw_update_(p, state, lr, beta1, beta2, eps, weight_decay)
                 else:
-                    _adamw_update_(p, p.grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+                    _adamw_update_(p, p.grad, state, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
         return loss
 
 
-def _adamw_update_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    """In-place AdamW step, the same formula as torch.optim.AdamW's single-tensor path."""
-    p.mul_(1.0 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+def _npu_adamw_update_(p, state, lr, beta1, beta2, eps, weight_decay):
+    torch_npu = _device.get_torch_npu()
+    if torch_npu is None:
+        raise RuntimeError("MegatronAdamW: parameters are on an NPU but torch_npu cannot be imported.")
+    if state["step"].device.type != "cpu":  # e.g. a checkpoint of a CUDA run resumed on an NPU
+        state["step"] = state["step"].cpu()
+    state["step"] += 1
+    step = int(state["step"])  # a CPU tensor: no device synchronisation
+    torch_npu.npu_apply_adam_w(
+        beta1 ** (step - 1), beta2 ** (step - 1), lr, weight_decay, beta1, beta2, eps, p.grad,
+        None,  # max_grad_norm: only used with amsgrad
+        False,  # amsgrad
+        False,  # maximize
+        out=(p.data, state["exp_avg"], state["exp_avg_sq"]),
+    )
+
+
+def _adamw_update_(p, grad, state, lr, beta1, beta2, eps, weight_decay, grad_scale=None, found_inf=None):
+    """AdamW step in torch ops (torch.optim.AdamW's formula), bias correction computed on the device."""
+    if state["step"].device != p.device:  # a checkpoint loaded onto another device
+        state["step"] = state["step"].to(p.device)
+    exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    if grad_scale is not None:
+        grad.div_(grad_scale.to(grad.device, grad.dtype))  # unscale in place, as scaler.unscale_ would
+    if found_inf is None:
+        step += 1
+        p.mul_(1.0 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1.0 - beta2**step).sqrt()).add_(eps)
+        p.sub_(exp_avg / denom * (lr / (1.0 - beta1**step)))
+        return
+    # found_inf: compute the update out of place, then keep the old values where it was set.
+    skip = found_inf.to(p.device).reshape(()) > 0
+    step.add_((~skip).to(step.dtype))
+    new_avg = torch.lerp(exp_avg, grad, 1.0 - beta1)
+    new_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
+    denom = (new_sq.sqrt() / (1.0 - beta2**step).sqrt()).add_(eps)
+    new_p = p * (1.0 - lr * weight_decay) - new_avg / denom * (lr / (1.0 - beta1**step))
+    for old, new in ((p, new_p), (exp_avg, new_avg), (exp_avg_sq, new_sq)):
+        old.copy_(torch.where(skip, old, new))
 
 
 # ----------------------------------------------------------------------------------- build_optimizer
@@ -161,8 +199,16 @@ def build_optimizer(
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    grad_scaling: bool = False,
 ) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups)."""
+    """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups).
+
+    ``grad_scaling=True`` (an fp16 GradScaler will step it): on CUDA / CPU choose implementations that
+    take the scaler's ``grad_scale`` / ``found_inf`` on the device (:func:`supports_sync_free_amp`), so
+    ``scaler.step`` does not wait for the host: ``adamw`` becomes torch's fused AdamW kernel (the same
+    maths) where torch has it for these parameters. ``megatron_adamw`` and ``fused_adamw`` already are.
+    On NPU nothing changes: torch_npu's scaler checks for overflow on the host whatever the optimizer.
+    """
     key = str(name).strip().lower()
     if key not in OPTIMIZER_NAMES:
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}.")
@@ -171,6 +217,11 @@ def build_optimizer(
     betas = tuple(betas)
 
     if key == "adamw":
+        if grad_scaling and kind in ("cuda", "cpu"):
+            try:
+                return _torch_adamw(params, lr, betas, eps, weight_decay, fused=True)
+            except (RuntimeError, ValueError, TypeError):
+                pass  # no fused kernel here (old torch, dtype): foreach, and the scaler syncs per step
         return _torch_adamw(params, lr, betas, eps, weight_decay, foreach=True)
 
     if key == "fused_adamw":
@@ -200,6 +251,13 @@ def build_optimizer(
             "(or pip install diffusers-npu[8bit])."
         ) from exc
     return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def supports_sync_free_amp(optimizer) -> bool:
+    """Whether ``GradScaler.step(optimizer)`` skips an overflowed step on the device, without reading
+    ``found_inf`` on the host: true for torch's fused AdamW and MegatronAdamW's torch path. Pass the
+    unwrapped optimizer to the scaler (accelerate's ``AcceleratedOptimizer`` does not forward the flag)."""
+    return bool(getattr(_unwrap(optimizer), "_step_supports_amp_scaling", False))
 
 
 def optimizer_name_from_flags(use_megatron_npu_adamW: bool, use_npu_fuse_adamW: bool, use_8bit_adam: bool = False) -> str:
@@ -239,8 +297,11 @@ def clip_grad_norm(
     *,
     scaler: Optional["torch.amp.GradScaler"] = None,
     norm_type: float = 2.0,
-) -> float:
-    """Clip gradients to ``max_norm`` and return the total norm measured BEFORE clipping, as a float.
+) -> torch.Tensor:
+    """Clip gradients to ``max_norm`` and return the total norm measured BEFORE clipping, as a 0-dim tensor
+    on the gradients' device: reading it (``float()``) waits for the device, so callers keep it and read it
+    when they log. torch's clip and accelerate's do not synchronise; torch_npu's fused clip does (it
+    decides ``clip_coef < 1`` on the host).
 
     Gradients are always unscaled first when a loss scaler is in use:
 
@@ -251,7 +312,7 @@ def clip_grad_norm(
 
     If the gradients were already unscaled this step, that is detected and not done twice. With the
     fused optimizer the clip covers all of that optimizer's parameters (it works on its flat buffers).
-    Under DeepSpeed accelerate returns no norm; then this returns ``nan``.
+    Under DeepSpeed accelerate returns no norm; then this returns a ``nan`` tensor.
     """
     if accelerator is not None and scaler is not None:
         raise ValueError("clip_grad_norm: pass either accelerator= or scaler=, not both.")
@@ -280,8 +341,8 @@ def clip_grad_norm(
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
 
     if norm is None:
-        return float("nan")
-    return float(norm)
+        return torch.full((), float("nan"))
+    return norm if isinstance(norm, torch.Tensor) else torch.as_tensor(norm)
 
 
 def zero_grad(optimizer, set_to_none: bool = True) -> None:
@@ -307,5 +368,6 @@ __all__ = [
     "build_optimizer",
     "clip_grad_norm",
     "optimizer_name_from_flags",
+    "supports_sync_free_amp",
     "zero_grad",
 ]

@@ -1,0 +1,39 @@
+"""One row of the self-check table."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+
+@dataclass
+class Result:
+    check: str
+    result: str                       # "pass" | "FAIL" | "skip"
+    max_error: Optional[float] = None
+    tolerance: Optional[float] = None
+    seconds: float = 0.0
+    note: str = ""
+    argv: Optional[List[str]] = None  # training runs: the exact trainer command line, to rerun by hand
+
+    def as_json(self) -> dict:
+        row = asdict(self)
+        if row["argv"] is None:
+            del row["argv"]
+        if row["max_error"] is not None and not math.isfinite(row["max_error"]):
+            row["max_error"] = str(row["max_error"])  # JSON has no inf/nan
+        return row
+
+
+def format_table(results: List[Result]) -> str:
+    """The printed table: check, result, max error (and its tolerance), time, note."""
+    rows = [("check", "result", "max error", "time", "note")]
+    for r in results:
+        err = "-" if r.max_error is None else f"{r.max_error:.1e}"
+        if r.tolerance is not None:
+            err += f" (< {r.tolerance:.0e})"
+        rows.append((r.check, r.result, err, f"{r.seconds:.1f}s", r.note))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 4)
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,188 @@
+"""The self-check (``diffusers-npu selfcheck`` / test/npu_selfcheck.sh) and the launcher environment
+(test/env_npu.sh).
+
+The numeric checks run in-process, on the CPU and against the strict torch_npu stand-in (so the NPU code
+paths and the project's torch_npu calls are what gets checked); one short training run exercises the
+training harness. The full self-check with all training runs is CI's ``bash test/npu_selfcheck.sh``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusers_npu import cli
+from diffusers_npu.selfcheck import numerics, run_selfcheck, training
+from diffusers_npu.selfcheck.result import Result, format_table
+from fake_torch_npu import SOC_910A, install
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_NUMERIC = 4 * 3 + 1 + 3 + 2 + 3  # attention modes x dtypes, overflow, optimizers, clips, scaler steps
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def by_name(results):
+    return {r.check: r for r in results}
+
+
+def test_numeric_checks_pass_on_cpu():
+    results = list(numerics.numeric_checks("cpu"))
+    assert len(results) == N_NUMERIC
+    failed = [(r.check, r.note) for r in results if r.result != "pass"]
+    assert failed == []
+    for r in results:
+        if r.tolerance is not None:
+            assert r.max_error < r.tolerance, r
+    rows = by_name(results)
+    assert "upcast_fp32 x6" in rows["attention auto fp16 (self+cross, masks)"].note  # CPU half: fp32-safe path
+    assert rows["optimizer fused_adamw 20 steps vs float64 AdamW"].note == "AdamW (fused kernel)"
+    assert "on the device" in rows["fp16 overflow step through the GradScaler (megatron_adamw)"].note
+
+
+@pytest.mark.parametrize("soc", [221, SOC_910A])
+def test_numeric_checks_drive_the_npu_paths_through_the_stand_in(monkeypatch, soc):
+    """With torch_npu's stand-in, the same checks run the NPU code: fusion attention (where the SoC has it),
+    NpuFusedAdamW and its fused clip, npu_apply_adam_w -- and every call passes the stand-in's rules."""
+    fake = install(monkeypatch, soc_version=soc)
+    results = list(numerics.numeric_checks("cpu"))
+    assert [(r.check, r.note) for r in results if r.result != "pass"] == []
+    rows = by_name(results)
+    flash = rows["attention flash fp16 (self+cross, masks)"].note
+    if soc == 221:
+        assert "npu_fusion_attention x6" in flash and fake.calls_named("npu_fusion_attention")
+    else:
+        assert "upcast_fp32 x6" in flash and not fake.calls_named("npu_fusion_attention")
+    assert rows["optimizer fused_adamw 20 steps vs float64 AdamW"].note == "NpuFusedAdamW"
+    assert rows["clip fused_adamw vs clip_grad_norm_"].note.startswith("fused clip_grad_norm_fused_")
+    assert len(fake.calls_named("npu_apply_adam_w")) >= 20 * 4  # 20 steps x 4 tensors of the small model
+    assert "on the host" in rows["fp16 overflow step through the GradScaler (megatron_adamw)"].note
+
+
+def test_a_wrong_result_fails_the_check_and_the_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(numerics, "OPTIMIZER_TOL", 1e-12)  # no fp32 optimizer meets this
+    path = tmp_path / "out" / "sc.json"
+    assert cli.main(["selfcheck", "--device", "cpu", "--skip_training", "--json", str(path)]) == 1
+    report = json.loads(path.read_text())
+    assert report["all_passed"] is False and report["counts"]["FAIL"] == 3
+    failed = [r for r in report["results"] if r["result"] == "FAIL"]
+    assert {r["check"] for r in failed} == {f"optimizer {n} 20 steps vs float64 AdamW" for n in numerics.OPTIMIZERS}
+    out = capsys.readouterr().out
+    for r in report["results"]:  # the printed table and the JSON hold the same rows
+        assert r["check"] in out
+    assert f"{report['counts']['pass']} passed, 3 failed, 0 skipped" in out
+
+
+def test_unsupported_dtype_is_a_skip_with_the_reason(monkeypatch):
+    real = numerics.dtype_unsupported
+    monkeypatch.setattr(numerics, "dtype_unsupported",
+                        lambda device, name: "bf16 is not supported here" if name == "bf16" else real(device, name))
+    report = run_selfcheck("cpu", training=False)
+    skips = [r for r in report["results"] if r.result == "skip"]
+    assert len(skips) == 4 and all(r.note == "bf16 is not supported here" and "bf16" in r.check for r in skips)
+    assert report["all_passed"] is True and report["counts"] == {"pass": N_NUMERIC - 4, "FAIL": 0, "skip": 4}
+
+
+def test_table_and_json_rows():
+    rows = [Result("a check", "pass", 1.5e-7, 1e-4, 0.25, "note"), Result("b", "skip", note="why")]
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["check", "result", "max", "error", "time", "note"]
+    assert table[2].split() == ["a", "check", "pass", "1.5e-07", "(<", "1e-04)", "0.2s", "note"]
+    assert rows[0].as_json() == {"check": "a check", "result": "pass", "max_error": 1.5e-7, "tolerance": 1e-4,
+                                 "seconds": 0.25, "note": "note"}
+    assert Result("c", "FAIL", float("inf")).as_json()["max_error"] == "inf"
+
+
+def test_training_run_harness(tmp_path, monkeypatch):
+    """One real 2-step run through train.run("text_to_image", argv), as the full self-check does 12 times."""
+    monkeypatch.setattr(training, "LAUNCHER_CONFIGS", training.LAUNCHER_CONFIGS[:1])
+    monkeypatch.setattr(training, "OPTIMIZERS", (None,))
+    (result,) = training.training_checks("cpu", str(tmp_path), steps=2)
+    assert result.result == "pass", result.note
+    assert result.note.startswith("no/adamw/auto, loss ")  # the CPU defaults the trainer chose
+    assert result.argv[result.argv.index("--max_train_steps") + 1] == "2"
+    assert result.argv[result.argv.index("--output_dir") + 1] == "<workdir>/runs/defaults-default"
+    out = tmp_path / "runs" / "defaults-default"
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_training_check_fails_when_nothing_trains(tmp_path, monkeypatch):
+    model, _ = training.prepare_inputs(str(tmp_path))
+    assert training._weights_moved(model, model) == "saved UNet equals the initial one: nothing was trained"
+
+
+# ------------------------------------------------------------------------------- shell entry points
+def _bash(script: str, env: dict, timeout: int = 300):
+    full = {k: v for k, v in os.environ.items() if k not in ("DIFFUSERS_NPU_DEVICE", "ASCEND_TOOLKIT_HOME")}
+    full.update(env)
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _fake_cann(root, layouts):
+    prefix = root / "Ascend"
+    for layout in layouts:
+        (prefix / layout).mkdir(parents=True)
+        (prefix / layout / "set_env.sh").write_text(f"export DNPU_TEST_CANN={layout}\n")
+    info = root / "ascend_cann_install.info"
+    info.write_text(f"Install_Path={prefix}\n")
+    return str(info)
+
+
+@pytest.mark.parametrize("layouts,chosen", [(["ascend-toolkit", "nnae"], "ascend-toolkit"), (["nnae"], "nnae")])
+def test_env_npu_finds_cann_from_the_install_info(tmp_path, layouts, chosen):
+    info = _fake_cann(tmp_path, layouts)
+    r = _bash('source test/env_npu.sh; echo "$DNPU_TEST_CANN $DIFFUSERS_NPU_CANN_ENV"',
+              {"DIFFUSERS_NPU_CANN_INFO": info, "HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [chosen, str(tmp_path / "Ascend" / chosen / "set_env.sh")]
+
+
+def test_env_npu_is_loud_when_torch_npu_has_no_device(tmp_path):
+    pkg = tmp_path / "pkg" / "torch_npu"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import types, torch\n"
+                                     "torch.npu = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'pkg'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    r = _bash("source test/env_npu.sh", env)
+    assert r.returncode == 0
+    assert "WARNING: torch_npu is installed, but no Ascend NPU is usable here:" in r.stderr
+    assert "reports no usable NPU (is_available()=False, device_count()=0)" in r.stderr
+    assert "Training would run on the CPU" in r.stderr
+    assert _bash("source test/env_npu.sh", {**env, "DIFFUSERS_NPU_DEVICE": "cpu"}).stderr == ""  # chosen on purpose
+
+
+def test_env_npu_is_silent_without_torch_npu(tmp_path):
+    r = _bash("source test/env_npu.sh", {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "HOME": str(tmp_path)})
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_npu_selfcheck_script(tmp_path):
+    path = tmp_path / "sc.json"
+    r = _bash(f"bash test/npu_selfcheck.sh --skip_training --device cpu --json {path}",
+              {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(path.read_text())
+    assert report["all_passed"] and report["counts"]["pass"] == N_NUMERIC
+    assert report["environment"]["device"] == "cpu" and report["cpu_threads"].endswith("(OMP_NUM_THREADS=1)")
+
+
+def test_selfcheck_rejects_bad_flags(capsys):
+    assert cli.main(["selfcheck", "--steps", "0", "--skip_training"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps must be >= 1 (got 0)"
+    assert cli.main(["selfcheck", "--device", "tpu"]) == 2
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

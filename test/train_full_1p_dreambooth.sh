@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# dreambooth training on one device; embedded offline digits model by default.
-# Overrides: --key=value (see launch_common.sh and downstream_train.sh).
-exec bash "$(dirname "$0")/downstream_train.sh" dreambooth 1 "$@"
+# Dreambooth on one device; with no --model_name the embedded offline digits model.
+# Options: --key=value (docs/launching.md, or python3 -m diffusers_npu.launch --help).
+source "$(dirname "$0")/launch_common.sh"
+dnpu_launch dreambooth --num_devices=1 "$@"

@@ -1,3 +1,5 @@
 #!/usr/bin/env bash
-# 8 devices, sd2-1, fp16_fa, full run. Overrides: --key=value (see launch_common.sh).
-exec bash "$(dirname "$0")/text_to_image_8p.sh" sd2-1 fp16_fa full "$@"
+# 8 devices, text-to-image sd2-1_fp16_fa, full run (settings: src/diffusers_npu/launch/variants.py).
+# Options: --key=value (docs/launching.md, or python3 -m diffusers_npu.launch --help).
+source "$(dirname "$0")/launch_common.sh"
+dnpu_launch text_to_image --variant=full_8p_text_to_image_sd2-1_fp16_fa "$@"

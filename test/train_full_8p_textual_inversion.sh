@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# textual inversion training on 8 devices (as many as this node has, up to 8); embedded offline digits model by default.
-# Overrides: --key=value (see launch_common.sh and downstream_train.sh).
-exec bash "$(dirname "$0")/downstream_train.sh" textual_inversion 8 "$@"
+# Textual inversion on 8 devices (as many as this node has, with a note); with no --model_name the embedded
+# offline digits model. Options: --key=value (docs/launching.md, or python3 -m diffusers_npu.launch --help).
+source "$(dirname "$0")/launch_common.sh"
+dnpu_launch textual_inversion --num_devices=8 "$@"

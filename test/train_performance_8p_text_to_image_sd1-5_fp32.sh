@@ -1,3 +1,5 @@
 #!/usr/bin/env bash
-# 8 devices, sd1-5, fp32, performance run. Overrides: --key=value (see launch_common.sh).
-exec bash "$(dirname "$0")/text_to_image_8p.sh" sd1-5 fp32 performance "$@"
+# 8 devices, text-to-image sd1-5_fp32, performance run (settings: src/diffusers_npu/launch/variants.py).
+# Options: --key=value (docs/launching.md, or python3 -m diffusers_npu.launch --help).
+source "$(dirname "$0")/launch_common.sh"
+dnpu_launch text_to_image --variant=performance_8p_text_to_image_sd1-5_fp32 "$@"

@@ -234,9 +234,13 @@ def images_to_digit_features(images):
 
 def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None = None,
                    num_inference_steps: int | None = None, seed: int = 1234, batch_size: int = 50,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, callback=None, return_images: bool = False) -> dict:
     """Generate ``per_digit`` images for each ``a handwritten digit <word>`` prompt and report how often a
-    digits classifier agrees with the prompt. ``None`` keeps the pipeline's own defaults."""
+    digits classifier agrees with the prompt. ``None`` keeps the pipeline's own defaults.
+
+    ``callback``: passed as the pipeline's ``callback_on_step_end`` (pre-emption checks between steps).
+    ``return_images``: also return the images (float HxWx3 in [0, 1]), the predictions and the targets, for
+    the labelled grid picture."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -251,8 +255,10 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
         kwargs["guidance_scale"] = guidance_scale
     if num_inference_steps is not None:
         kwargs["num_inference_steps"] = num_inference_steps
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
     res = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    preds = []
+    preds, images = [], []
     was_disabled = getattr(pipeline, "_progress_bar_config", {}).get("disable", False)
     pipeline.set_progress_bar_config(disable=True)
     try:
@@ -260,15 +266,21 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
             g = torch.Generator("cpu").manual_seed(seed + i)
             out = pipeline(prompts[i:i + batch_size], height=res, width=res, generator=g, output_type="np",
                            **kwargs)
-            preds.extend(fit_pred for fit_pred in clf.predict(images_to_digit_features(out.images)))
+            preds.extend(clf.predict(images_to_digit_features(out.images)))
+            if return_images:
+                images.extend(out.images)
     finally:
         pipeline.set_progress_bar_config(disable=was_disabled)
     preds = np.asarray(preds)
     targets = np.asarray(targets)
     per = {DIGIT_WORDS[d]: float((preds[targets == d] == d).mean()) for d in range(10)}
-    return {"agreement": float((preds == targets).mean()), "per_digit": per, "images": int(len(preds)),
-            "guidance_scale": kwargs.get("guidance_scale", "pipeline default"),
-            "num_inference_steps": kwargs.get("num_inference_steps", "pipeline default")}
+    result = {"agreement": float((preds == targets).mean()), "per_digit": per, "images": int(len(preds)),
+              "guidance_scale": kwargs.get("guidance_scale", "pipeline default"),
+              "num_inference_steps": kwargs.get("num_inference_steps", "pipeline default")}
+    if return_images:
+        result.update(images=images, predictions=preds.tolist(), targets=targets.tolist(),
+                      per_digit_images=per_digit)
+    return result
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ def prepare_args(task_cls, argv=None, prog=None):
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--device: {e}") from None
     world = world_size_from_env()
+    if world > 1:
+        import atexit
+
+        atexit.register(_destroy_process_group)
     paths = None
     if needs_embedded(args, task_cls):
         from accelerate import PartialState
@@ -52,6 +56,13 @@ def prepare_args(task_cls, argv=None, prog=None):
         with state.local_main_process_first():
             paths = task_cls.prepare_embedded(progress=state.is_local_main_process and sys.stdout.isatty())
     return resolve_defaults(args, device_info(kind, world), paths, task_cls)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _prog(task_cls, argv) -> str:

@@ -120,8 +120,11 @@ def optimizer_and_schedule(t, module) -> None:
     lr = a.learning_rate
     if a.scale_lr:
         lr = lr * a.train_batch_size * a.gradient_accumulation_steps * rt.world_size
+    # With an fp16 GradScaler the optimizer must take the scaler's found_inf on the device, or every
+    # scaler.step would wait for the host (see optim.supports_sync_free_amp).
     t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
-                                  eps=a.adam_epsilon, weight_decay=a.adam_weight_decay)
+                                  eps=a.adam_epsilon, weight_decay=a.adam_weight_decay,
+                                  grad_scaling=t.precision.scaler is not None)
     try:
         t.lr_scheduler = get_scheduler(a.lr_scheduler, t.optimizer, num_warmup_steps=a.lr_warmup_steps,
                                        num_training_steps=a.max_train_steps, num_cycles=a.lr_num_cycles,

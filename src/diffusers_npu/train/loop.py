@@ -90,7 +90,11 @@ class Trainer:
                 if self.bar is not None:
                     self.bar.close()
                 if self.accelerator is not None:
-                    self.accelerator.end_training()
+                    # Trackers only: accelerator.end_training() would also destroy the process group, which
+                    # a caller running several trainings in one group (the self-check, tests) still needs;
+                    # it is destroyed at interpreter exit instead (see train.prepare_args).
+                    for tracker in self.accelerator.trackers:
+                        tracker.finish()
 
     def setup(self) -> Optional[dict]:
         """Everything before the first step; returns the RNG state to restore on resume."""

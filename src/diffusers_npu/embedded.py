@@ -278,7 +278,7 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
               "guidance_scale": kwargs.get("guidance_scale", "pipeline default"),
               "num_inference_steps": kwargs.get("num_inference_steps", "pipeline default")}
     if return_images:
-        result.update(images=images, predictions=preds.tolist(), targets=targets.tolist(),
+        result.update(samples=images, predictions=preds.tolist(), targets=targets.tolist(),
                       per_digit_images=per_digit)
     return result
 

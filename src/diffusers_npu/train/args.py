@@ -57,7 +57,8 @@ def resolution_type(text):
 
 
 def _switch(group, name, help):
-    group.add_argument(name, action="store_true", help=help)
+    """An on/off flag; ``--no-<name>`` turns off what a ``--config`` file turned on (the command line wins)."""
+    group.add_argument(name, action=argparse.BooleanOptionalAction, default=False, help=help)
 
 
 # ------------------------------------------------------------------------------------- the flags

@@ -122,9 +122,13 @@ def optimizer_and_schedule(t, module) -> None:
         lr = lr * a.train_batch_size * a.gradient_accumulation_steps * rt.world_size
     # With an fp16 GradScaler the optimizer must take the scaler's found_inf on the device, or every
     # scaler.step would wait for the host (see optim.supports_sync_free_amp).
-    t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
-                                  eps=a.adam_epsilon, weight_decay=a.adam_weight_decay,
-                                  grad_scaling=t.precision.scaler is not None)
+    try:
+        t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
+                                      eps=a.adam_epsilon, weight_decay=a.adam_weight_decay,
+                                      grad_scaling=t.precision.scaler is not None)
+    except ImportError as e:  # adamw_8bit without bitsandbytes
+        flag = "--use_8bit_adam" if a.use_8bit_adam else f"--optimizer {a.optimizer}"
+        raise UsageError(f"{flag}: {e}") from None
     try:
         t.lr_scheduler = get_scheduler(a.lr_scheduler, t.optimizer, num_warmup_steps=a.lr_warmup_steps,
                                        num_training_steps=a.max_train_steps, num_cycles=a.lr_num_cycles,
@@ -182,7 +186,10 @@ def output_folder(t) -> None:
 def enable_gradient_checkpointing(model, fraction: float = 1.0) -> None:
     """Checkpoint all blocks of a UNet-like model, or only the outermost ``fraction`` of them (largest
     activations first, as the original port's partial checkpointing)."""
-    model.enable_gradient_checkpointing()
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()  # diffusers models
+    else:
+        model.gradient_checkpointing_enable()  # transformers models (a trained text encoder)
     if fraction >= 1.0 or not hasattr(model, "down_blocks"):
         return
     down = list(model.down_blocks)

@@ -115,10 +115,16 @@ def make_accelerator(args, module, device_kind: str, world_size: int):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(cpu=device_kind == "cpu", log_with=trackers,
-                      project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                          logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-                      **kwargs)
+    try:
+        acc = Accelerator(cpu=device_kind == "cpu", log_with=trackers,
+                          project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                              logging_dir=os.path.join(args.output_dir,
+                                                                                       args.logging_dir)),
+                          **kwargs)
+    except (ValueError, ImportError) as e:
+        if trackers and any(t in str(e) for t in str(trackers).split(",")):  # accelerate names the tracker
+            raise UsageError(f"--report_to {args.report_to}: {e}") from None
+        raise
     if mode == "fsdp" and device_kind == "cpu":
         _enable_fsdp_on_cpu(acc, kwargs["fsdp_plugin"])
     return acc

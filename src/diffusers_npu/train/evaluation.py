@@ -102,7 +102,7 @@ def run_learning_check(trainer) -> dict:
     a = t.args
     pipe = DiffusionPipeline.from_pretrained(a.output_dir).to(t.rt.device)
     res = learning_check(pipe, progress=t.show_bar, callback=t.preemption.check, return_images=True)
-    images = res.pop("images")
+    images = res.pop("samples")
     grid_path = os.path.join(a.output_dir, "learning_check.png")
     learning_check_grid(images, res["predictions"], res["targets"], res["per_digit_images"]).save(grid_path)
     t.rt.finished(grid_path)

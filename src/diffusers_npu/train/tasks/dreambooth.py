@@ -231,6 +231,10 @@ class DreamBoothTask(DiffusionTask):
                              f"by DreamBooth here; use a latent Stable Diffusion model")
         self.load_components()
         if a.tokenizer_max_length:
+            positions = self.text_encoder.config.max_position_embeddings
+            if a.tokenizer_max_length > positions:
+                raise UsageError(f"--tokenizer_max_length {a.tokenizer_max_length} is longer than this text "
+                                 f"encoder's {positions} positions")
             self.tokenizer.model_max_length = a.tokenizer_max_length
         if a.class_labels_conditioning and getattr(self.unet.config, "class_embed_type", None) is None:
             raise UsageError("--class_labels_conditioning timesteps: this UNet has no class embedding "

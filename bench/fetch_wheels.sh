@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 DEST=${1:-.whl}
 PYVER=${PYVER:-3.12}
 mkdir -p "$DEST"
-# Versions the project is tested with (requirements.txt); importlib_metadata 10 needs lazy_importer on Python < 3.15.
-PKGS=${PKGS:-"diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 importlib_metadata==10.2.0 lazy_importer==0.1.0"}
+# Versions the project is tested with (requirements.txt); importlib_metadata 10 needs lazy_importer on Python < 3.15;
+# peft serves the LoRA rows (training and their FLOP count).
+PKGS=${PKGS:-"diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 importlib_metadata==10.2.0 lazy_importer==0.1.0 peft==0.21.2"}
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST" $PKGS

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
 import sys
-import time
 from typing import Iterable, Sequence
 
 import torch
@@ -37,6 +35,8 @@ def environment(device: str) -> dict:
         "diffusers": version("diffusers"),
         "transformers": version("transformers"),
         "accelerate": version("accelerate"),
+        "datasets": version("datasets"),
+        "peft": version("peft"),
         "diffusers_npu": version("diffusers_npu"),
         "git_commit": _git_commit(),
     }
@@ -68,35 +68,10 @@ def _git_commit() -> str | None:
         return None
 
 
-def count_flops(fn) -> int:
-    """Matmul/conv/attention FLOPs of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def sync(device: str) -> None:
     from ..device import synchronize
 
     synchronize(device)
-
-
-class StepTimer:
-    """Wall time of a span of steps, with the device synchronised at both ends (honest timings)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.t0 = None
-
-    def start(self):
-        sync(self.device)
-        self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        sync(self.device)
-        return time.perf_counter() - self.t0
 
 
 def peak_memory(device: str) -> int:
@@ -155,12 +130,10 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence], markdown: boo
 
 
 def write_json(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from ..fsutil import write_json_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, data)
 
 
 def resolve_device(flag: str | None) -> str:
@@ -198,3 +171,10 @@ def publish(result: dict, table: str, json_path: str | None) -> dict:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a failed measurement: the exception's class and first line (OOMs said as such)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    line = f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+    return ("out of memory: " + line) if is_oom(exc) else line

@@ -82,17 +82,6 @@ def key_hash(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(model_path: str, hf_dataset, image_column, caption_column, resolution, center_crop, random_flip,
-              tokenizer=None) -> tuple[str, dict]:
-    """The pre-bucket key (model folder + data set + square crop settings), kept for its callers."""
-    parts = dict(model_key_parts(model_path), rows=len(hf_dataset), columns=[image_column, caption_column],
-                 dataset=getattr(hf_dataset, "_fingerprint", None) or str(len(hf_dataset)),
-                 resolution=resolution, center_crop=True, random_flip=bool(random_flip), format=CACHE_FORMAT)
-    if not parts["tokenizer"]:
-        parts["tokenizer"] = repr(tokenizer)
-    return key_hash(parts), parts
-
-
 # ------------------------------------------------------------------------------------------ encode helpers
 def vae_moments_fn(vae, device, dtype):
     """``encode_images`` for a diffusers ``AutoencoderKL``: posterior mean and std concatenated (float32 CPU)."""
@@ -238,17 +227,12 @@ class LatentCache:
 
     @staticmethod
     def load_or_build(root: str, key_parts: dict, dataset: ImageCaptionDataset, encode_images, encode_prompts,
-                      random_flip: bool, *legacy, progress: bool = True, is_main: bool = True,
+                      random_flip: bool, progress: bool = True, is_main: bool = True,
                       wait_fn=None) -> "LatentCache":
         """The cache for (``key_parts``, ``dataset``, ``random_flip``) under ``root``: loaded if it exists,
         else built by the main process (``is_main``: the process that may write ``root``; per node when
         ``root`` is node-local) while the others wait in ``wait_fn`` (a barrier every process calls).
         ``encode_images`` / ``encode_prompts`` are only called when building."""
-        if isinstance(key_parts, str):  # the pre-bucket call: (root, model_path, hf_dataset, ...)
-            from .legacy import legacy_load_or_build
-
-            return legacy_load_or_build(root, key_parts, dataset, encode_images, encode_prompts, random_flip,
-                                        *legacy, progress=progress, is_main=is_main, wait_fn=wait_fn)
         parts = {"task": key_parts, "data": dataset_key_parts(dataset, random_flip), "format": CACHE_FORMAT}
         folder = os.path.join(root, key_hash(parts))
         hit = os.path.isfile(os.path.join(folder, CACHE_FILE))
@@ -260,13 +244,6 @@ class LatentCache:
         cache = LatentCache(folder)
         cache.hit = hit
         return cache
-
-    @staticmethod
-    def build(*args, **kwargs) -> "LatentCache":
-        """The pre-bucket builder (models instead of encode functions), kept for its callers."""
-        from .legacy import legacy_build
-
-        return legacy_build(*args, **kwargs)
 
 
 def _encode_chunk(dataset, decoded, size, flips, encode_images, original, crops) -> torch.Tensor:
@@ -314,8 +291,6 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: LatentCache, seed: int, random_flip: bool, proportion_empty_prompts: float = 0.0,
                  empty_prompt=None):
-        if isinstance(empty_prompt, torch.Tensor):  # pre-dict form: SD's encoder_hidden_states of ""
-            empty_prompt = {"encoder_hidden_states": empty_prompt}
         if proportion_empty_prompts and empty_prompt is None and cache.row_captions is not None:
             raise ValueError("proportion_empty_prompts needs the empty prompt's text fields (empty_prompt)")
         if random_flip and cache.num_flips < 2:
@@ -369,5 +344,5 @@ class CachedDataset(torch.utils.data.Dataset):
         return out
 
 
-__all__ = ["CACHE_FORMAT", "CachedDataset", "LatentCache", "cache_key", "clip_prompts_fn", "dataset_key_parts",
+__all__ = ["CACHE_FORMAT", "CachedDataset", "LatentCache", "clip_prompts_fn", "dataset_key_parts",
            "files_signature", "key_hash", "model_key_parts", "vae_moments_fn"]

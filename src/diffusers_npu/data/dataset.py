@@ -24,7 +24,7 @@ from ..errors import DataError, UsageError
 from .buckets import Buckets
 from .images import (DEFAULT_INTERPOLATION, DERIVED_CONDITIONING, INTERPOLATIONS, covering_size,
                      derive_conditioning, image_transform, load_pil, resize_crop, to_tensor)
-from .sampling import ResumableSampler, epoch_permutation
+from .sampling import epoch_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
       readable row (of the same bucket), deterministically; ``bad`` counts the rows skipped.
     """
 
-    def __init__(self, hf_dataset, image_column, caption_column, resolution, *legacy, tokenize=None,
+    def __init__(self, hf_dataset, image_column, caption_column, resolution, *, tokenize=None,
                  center_crop=False, random_flip=False, seed=0, skip_bad_images=False, name="the training data",
                  proportion_empty_prompts=0.0, interpolation=DEFAULT_INTERPOLATION, buckets=None,
                  paired_columns=None, derived=None):
-        if legacy:  # (hf_dataset, image_column, caption_column, tokenizer, resolution): the old order
-            tokenizer, resolution = resolution, legacy[0]
-            tokenize = ClipTokenize(tokenizer) if tokenizer is not None else None
         if not isinstance(resolution, int) or resolution < 1:
             raise UsageError(f"--resolution must be a positive integer (got {resolution!r})")
         if interpolation not in INTERPOLATIONS:
@@ -265,5 +262,5 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["ClipTokenize", "ImageCaptionDataset", "ResumableSampler", "caption_options", "choose_caption",
+__all__ = ["ClipTokenize", "ImageCaptionDataset", "caption_options", "choose_caption",
            "collate", "epoch_permutation", "image_transform", "load_pil", "parse_key", "sample_rng", "undecoded"]

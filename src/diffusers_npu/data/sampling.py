@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..errors import DataError
 
@@ -151,30 +150,4 @@ class BucketBatchSampler(_GlobalBatches):
         return [(epoch, int(i), b) for i in rows[start + lo:start + hi]]
 
 
-class ResumableSampler(torch.utils.data.Sampler):
-    """Per-sample form of :class:`ResumableBatchSampler` (``DataLoader(sampler=..., batch_size=...)``), kept
-    for callers written before the batch samplers."""
-
-    def __init__(self, num_samples: int, per_device_batch: int, seed: int, world_size: int = 1, rank: int = 0,
-                 shuffle: bool = True, start_position: int = 0):
-        self.batches = ResumableBatchSampler(num_samples, per_device_batch, seed, world_size, rank, shuffle,
-                                             start_position)
-        self.batches_per_epoch = self.batches.batches_per_epoch
-
-    @property
-    def start_position(self) -> int:
-        return self.batches.start_position
-
-    @start_position.setter
-    def start_position(self, value: int) -> None:
-        self.batches.start_position = value
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield from batch
-
-    def __len__(self):  # per epoch, per rank
-        return self.batches.batches_per_epoch * self.batches.per_device_batch
-
-
-__all__ = ["BucketBatchSampler", "ResumableBatchSampler", "ResumableSampler", "epoch_permutation"]
+__all__ = ["BucketBatchSampler", "ResumableBatchSampler", "epoch_permutation"]

@@ -87,14 +87,7 @@ class Trainer:
                 exc.note = note  # for the one-line message of main()
                 raise
             finally:
-                if self.bar is not None:
-                    self.bar.close()
-                if self.accelerator is not None:
-                    # Trackers only: accelerator.end_training() would also destroy the process group, which
-                    # a caller running several trainings in one group (the self-check, tests) still needs;
-                    # it is destroyed at interpreter exit instead (see train.prepare_args).
-                    for tracker in self.accelerator.trackers:
-                        tracker.finish()
+                self.close()
 
     def setup(self) -> Optional[dict]:
         """Everything before the first step; returns the RNG state to restore on resume."""
@@ -201,17 +194,23 @@ class Trainer:
         return (len(self.losses) >= a.log_every or step >= a.max_train_steps or step % a.checkpointing_steps == 0
                 or bool(a.validation_prompts and a.validation_steps and step % a.validation_steps == 0))
 
-    def flush(self) -> bool:
-        """Read the buffered values (the host sync), log, checkpoint, validate. True when pre-empted."""
-        a, st = self.args, self.state
-        first = self.losses.steps[0] if self.losses.steps else st.global_step
+    def read_buffer(self) -> List[dict]:
+        """The host synchronisation of a flush: the buffered per-step values (averaged over ranks) read in one
+        transfer, the device synchronised, the fp16 scales counted. The benchmark times steps with this."""
         reduce = (lambda x: self.accelerator.reduce(x, reduction="mean")) if self.rt.world_size > 1 else None
         rows = self.losses.flush(reduce)
         from ..device import synchronize
 
-        synchronize(a.device)
-        wall = time.perf_counter() - self._interval_start
+        synchronize(self.args.device)
         self.precision.flush()
+        return rows
+
+    def flush(self) -> bool:
+        """Read the buffered values (the host sync), log, checkpoint, validate. True when pre-empted."""
+        a, st = self.args, self.state
+        first = self.losses.steps[0] if self.losses.steps else st.global_step
+        rows = self.read_buffer()
+        wall = time.perf_counter() - self._interval_start
         if self.precision.scaler is None and not self.deepspeed:
             for r in rows:
                 if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf"):
@@ -332,6 +331,17 @@ class Trainer:
                 "files": sorted(files or [])}
 
     # ------------------------------------------------------------------------------------------ helpers
+    def close(self) -> None:
+        """Close the progress bar and the trackers. Not accelerator.end_training(): that also destroys the
+        process group, which a caller running several trainings in one group (the self-check, tests, the
+        benchmark) still needs; it is destroyed at interpreter exit instead (see train.prepare_args)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
     def loader(self, start_position: int):
         from ..data.dataset import collate
 

@@ -1,0 +1,123 @@
+"""FLOPs per image of a training step, counted on the meta device (no memory, no compute).
+
+``torch.utils.flop_counter.FlopCounterMode`` counts the matmul, convolution and attention FLOPs autograd
+actually runs, so the three kinds of step are counted by running them, not by a formula:
+
+* ``full``       -- UNet forward + backward with every UNet weight trained;
+* ``lora``       -- the same with the UNet frozen and LoRA adapters (``--rank``) on its attention
+                    projections: the backward computes input gradients through frozen layers but no weight
+                    gradients for them (about 2x instead of 3x the forward);
+* ``controlnet`` -- a ControlNet (``ControlNetModel.from_unet``) forward + backward and the frozen UNet's
+                    forward + the backward through it into the ControlNet's residuals.
+
+The encoders (VAE encoder and text encoder(s), forward only) are counted apart: they are in the step only
+when latents are not cached. Gradient checkpointing's recomputation is not counted (model FLOPs, as MFU
+figures usually are); SDPA is counted without the recomputation a flash backward adds.
+"""
+from __future__ import annotations
+
+import torch
+
+KINDS = ("full", "lora", "controlnet")
+
+
+def count_flops(fn) -> int:
+    """Matmul/conv/attention FLOPs of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _meta_models(preset, seq_len: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..attention import set_attention
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**preset.unet)
+        vae = AutoencoderKL(**preset.vae)
+        encoders = [CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=seq_len, **preset.text))]
+        if preset.text_2 is not None:
+            encoders.append(CLIPTextModelWithProjection(
+                CLIPTextConfig(vocab_size=49408, max_position_embeddings=seq_len, **preset.text_2)))
+    set_attention(unet, "default")
+    return unet, vae, encoders
+
+
+def _unet_inputs(preset, unet, resolution: int, seq_len: int, vae_factor: int) -> tuple:
+    lat = resolution // vae_factor
+    x = torch.randn(1, unet.config.in_channels, lat, lat, device="meta")
+    t = torch.tensor([500], device="meta")
+    states = torch.randn(1, seq_len, unet.config.cross_attention_dim, device="meta")
+    extra = {}
+    if preset.text_2 is not None:  # SDXL: pooled projection of text encoder 2 + six micro-conditioning ids
+        pooled = preset.text_2.get("projection_dim", preset.text_2["hidden_size"])
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, device="meta"),
+                                      "time_ids": torch.randn(1, 6, device="meta")}
+    return x, t, states, extra
+
+
+def count_training_flops(preset, resolution: int, seq_len: int, kinds=KINDS, lora_rank: int = 4) -> dict:
+    """Per-image FLOPs at batch 1: ``{kind}_fwd_bwd`` for each step kind asked for, ``vae_encoder_fwd``,
+    ``text_encoder_fwd`` (all text encoders together). ``unet_fwd_bwd`` is ``full_fwd_bwd`` (older name)."""
+    unet, vae, encoders = _meta_models(preset, seq_len)
+    vae_factor = 2 ** (len(preset.vae["block_out_channels"]) - 1)
+    x, t, states, extra = _unet_inputs(preset, unet, resolution, seq_len, vae_factor)
+
+    def unet_step():
+        out = unet(x, t, states, return_dict=False, **extra)[0]
+        out.float().pow(2).mean().backward()
+
+    out = {}
+    if "full" in kinds:
+        out["full_fwd_bwd"] = out["unet_fwd_bwd"] = count_flops(unet_step)
+    if "controlnet" in kinds:
+        from diffusers import ControlNetModel
+
+        from ..train.tasks.controlnet import embedding_channels_for
+
+        with torch.device("meta"):  # the conditioning embedding downsamples by the VAE's factor, as the task's
+            channels = embedding_channels_for(vae_factor)
+            controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                                   conditioning_embedding_out_channels=channels)
+        unet.requires_grad_(False)
+        cond = torch.randn(1, 3, resolution, resolution, device="meta")
+
+        def controlnet_step():
+            down, mid = controlnet(x, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False,
+                                   **extra)
+            pred = unet(x, t, states, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        return_dict=False, **extra)[0]
+            pred.float().pow(2).mean().backward()
+
+        out["controlnet_fwd_bwd"] = count_flops(controlnet_step)
+        unet.requires_grad_(True)
+    if "lora" in kinds:  # last: it changes the UNet
+        from ..train.tasks.lora import UNET_TARGETS, add_lora
+
+        add_lora(unet, lora_rank, None, UNET_TARGETS)
+        out["lora_fwd_bwd"] = count_flops(unet_step)
+
+    def vae_enc():
+        with torch.no_grad():
+            vae.encode(torch.randn(1, 3, resolution, resolution, device="meta"))
+
+    def text():
+        with torch.no_grad():
+            for te in encoders:
+                te(torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
+
+    out["vae_encoder_fwd"] = count_flops(vae_enc)
+    out["text_encoder_fwd"] = count_flops(text)
+    return out
+
+
+def step_flops(counts: dict, kind: str, encoders_in_step: bool) -> int:
+    """FLOPs per image one step of ``kind`` executes (encoders only when they run in the step)."""
+    f = counts[f"{kind}_fwd_bwd"]
+    if encoders_in_step:
+        f += counts["vae_encoder_fwd"] + counts["text_encoder_fwd"]
+    return f

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..data.dataset import ClipTokenize
-from ..errors import UsageError
-from ..model_folder import check_pipeline_folder, looks_local
+from ..errors import ModelError, UsageError
+from ..model_folder import check_pipeline_folder, looks_local, read_model_index
 from .objective import Objective
 from .sd import FLAG, DiffusionTask, SDModule, base_scheduler, load_component
 
@@ -210,6 +210,12 @@ class SDXLTask(DiffusionTask):
         path = a.pretrained_model_name_or_path
         vae_path = getattr(a, "pretrained_vae_model_name_or_path", None)
         if looks_local(path):
+            index = read_model_index(path, FLAG)
+            if index.get("text_encoder_2") is None and index.get("_class_name", "").startswith("StableDiffusion") \
+                    and "XL" not in index.get("_class_name", ""):
+                raise ModelError(f"{FLAG}: {path} is a {index['_class_name']} folder (one text encoder, no "
+                                 f"text_encoder_2); the SDXL tasks need a Stable Diffusion XL model (train SD 1.x/2.x "
+                                 f"with the tasks without _sdxl)")
             need = ("unet", "text_encoder", "text_encoder_2", "tokenizer_2", "scheduler") + \
                 (() if vae_path else ("vae",)) + (() if a.tokenizer_name else ("tokenizer",))
             check_pipeline_folder(path, FLAG, need=need, class_names=SDXL_CLASSES,
@@ -360,7 +366,13 @@ class SDXLTask(DiffusionTask):
         unet = weights.full_copy(self.unet, self.rt.is_main)
         if not self.rt.is_main:
             return []
-        pipe = self.sd_pipeline(unet=unet)
+        a = self.args
+        te, te2 = self.text_encoder, self.text_encoder_2
+        if te.dtype != torch.float32:  # they ran in the autocast dtype; the output keeps the base's weights
+            path = a.pretrained_model_name_or_path
+            te = load_component("text_encoder", path, a.revision, a.variant)
+            te2 = load_component("text_encoder_2", path, a.revision, a.variant, cls_name=SDXL_CLASSES["text_encoder_2"])
+        pipe = self.sd_pipeline(unet=unet, text_encoder=te, text_encoder_2=te2)
         pipe.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "pipeline", files)

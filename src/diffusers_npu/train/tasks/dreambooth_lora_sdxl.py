@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 class DreamBoothSDXLModule(SDXLModule):
     """forward(batch) -> (instance + w * prior loss, {instance_loss, prior_loss}); instance and class samples go
     through the UNet in one forward, each with its own prompt, pooled embedding and time ids."""
@@ -80,7 +89,7 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
                     "instance_prompt": "a photo of sks dog"})
     # upstream's train_dreambooth_lora_sdxl.py defaults
     defaults = {"use_lora": True, "learning_rate": 1e-4, "output_dir": "lora-dreambooth-model", "train_batch_size": 4,
-                "num_train_epochs": 1, "validation_steps": None}
+                "num_train_epochs": 1, "validation_steps": None, "adam_weight_decay": 1e-4}
     output_kind = "lora"
 
     @classmethod
@@ -95,11 +104,12 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
                 g.add_argument(flag, **kw)
 
         add("--repeats", type=int, default=1, help="how many times each instance image is repeated per epoch")
-        add("--text_encoder_lr", type=float, default=None,
-            help="learning rate of the text encoders' adapters; only the same rate as --learning_rate is supported "
-                 "(one parameter group), another value is refused")
-        add("--adam_weight_decay_text_encoder", type=float, default=None,
-            help="weight decay of the text encoders' adapters; only --adam_weight_decay's value is supported")
+        add("--text_encoder_lr", type=float, default=5e-6,
+            help="upstream: learning rate of the text encoders' adapters. The trainer has one parameter group, so "
+                 "with --train_text_encoder they train at --learning_rate (a warning says so)")
+        add("--adam_weight_decay_text_encoder", type=float, default=1e-3,
+            help="upstream: weight decay of the text encoders' adapters; they use --adam_weight_decay here (one "
+                 "parameter group; a warning says so with --train_text_encoder)")
         add("--use_dora", action="store_true", help="upstream flag (DoRA adapters): refused, not supported here")
         add("--output_kohya_format", action="store_true",
             help="also write the LoRA in kohya's layout (pytorch_lora_weights_kohya.safetensors) for WebUI tools")
@@ -108,7 +118,8 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
         for flag, text in (("--prodigy_beta3", "Prodigy's beta3"), ("--prodigy_decouple", "Prodigy decoupled decay"),
                            ("--prodigy_use_bias_correction", "Prodigy bias correction"),
                            ("--prodigy_safeguard_warmup", "Prodigy safeguard warm-up")):
-            kind = dict(type=float, default=None) if flag == "--prodigy_beta3" else dict(action="store_true")
+            # upstream: type=bool, default True (a value follows the flag)
+            kind = dict(type=float, default=None) if flag == "--prodigy_beta3" else dict(type=_bool, default=True)
             add(flag, help=f"{text}: read only by the Prodigy optimizer, which --optimizer does not offer here",
                 **kind)
 
@@ -125,18 +136,17 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
                    (a.class_labels_conditioning, "--class_labels_conditioning: SDXL UNets take no class labels"),
                    (a.text_encoder_use_attention_mask, "--text_encoder_use_attention_mask: SDXL's text encoders "
                                                        "are used without a mask, as in its pipelines"),
-                   (a.text_encoder_lr is not None and a.text_encoder_lr != a.learning_rate and a.train_text_encoder,
-                    f"--text_encoder_lr {a.text_encoder_lr}: the trainer has one learning rate for all adapters; "
-                    f"drop it or set it to --learning_rate {a.learning_rate}"),
-                   (a.adam_weight_decay_text_encoder is not None and a.train_text_encoder
-                    and a.adam_weight_decay_text_encoder != a.adam_weight_decay,
-                    "--adam_weight_decay_text_encoder: the trainer has one weight decay for all adapters; drop it "
-                    "or set it to --adam_weight_decay"),
                    (a.repeats < 1, f"--repeats must be >= 1 (got {a.repeats})")]
         for bad, message in refused:
             if bad:
                 raise UsageError(message)
         super().validate_args()
+        if a.train_text_encoder and (a.text_encoder_lr != a.learning_rate or
+                                     a.adam_weight_decay_text_encoder != a.adam_weight_decay):
+            logger.warning("--text_encoder_lr %g / --adam_weight_decay_text_encoder %g: the trainer has one parameter "
+                           "group, so the text encoders' adapters train with --learning_rate %g and "
+                           "--adam_weight_decay %g", a.text_encoder_lr, a.adam_weight_decay_text_encoder,
+                           a.learning_rate, a.adam_weight_decay)
         if a.skip_save_text_encoder:
             logger.warning("--skip_save_text_encoder: the output holds only LoRA weights; the flag has no effect")
 
@@ -211,5 +221,12 @@ def write_kohya(folder: str) -> str:
 
     state = load_file(os.path.join(folder, lora.LORA_WEIGHTS_NAME))
     kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(folder, KOHYA_NAME))
+    # transformers 5's CLIP text models have no ``text_model`` level; kohya's tools expect it in the names
+    fixed = {}
+    for key, value in kohya.items():
+        for te in ("lora_te1_", "lora_te2_"):
+            if key.startswith(te) and not key.startswith(te + "text_model_"):
+                key = te + "text_model_" + key[len(te):]
+        fixed[key] = value.contiguous()
+    save_file(fixed, os.path.join(folder, KOHYA_NAME))
     return KOHYA_NAME

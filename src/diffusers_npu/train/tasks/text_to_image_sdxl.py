@@ -56,7 +56,8 @@ class TextToImageSDXLTask(SDXLTask):
     launch = LaunchProfile(network="StableDiffusionXL_text_to_image", distributed="fsdp", learning_check=True,
                            embedded={"config": "examples/text_to_image/configs/embedded_digits_sdxl.yaml"},
                            pretrained=PRETRAINED_FULL)
-    defaults = {"output_dir": "sdxl-model-finetuned", "distributed": "fsdp"}
+    # output folder by mode, as upstream's two SDXL text-to-image scripts (resolve_args)
+    defaults = {"output_dir": None, "distributed": "fsdp"}
     supports_cache = True
     supports_buckets = True
 
@@ -67,9 +68,14 @@ class TextToImageSDXLTask(SDXLTask):
         parser.add_argument("--train_text_encoder", action="store_true",
                             help="with --use_lora: LoRA on both text encoders' attention too")
         add_timestep_bias_arguments(parser)
+        parser.add_argument("--debug_loss", action="store_true",
+                            help="upstream LoRA flag (per-file loss to the tracker): not applied here, the loss is "
+                                 "logged per step; a warning says so")
 
     @classmethod
     def resolve_args(cls, a) -> None:
+        if a.output_dir is None:
+            a.output_dir = "sd-model-finetuned-lora" if a.use_lora else "sdxl-model-finetuned"
         if a.validation_epochs is None and not a.validation_steps:
             a.validation_epochs = 1  # upstream's default for both SDXL text-to-image scripts
 
@@ -89,6 +95,9 @@ class TextToImageSDXLTask(SDXLTask):
         if self.use_lora and self.args.learning_check:
             raise UsageError("--learning_check loads --output_dir as a full pipeline; a --use_lora run writes only "
                              "the adapters (drop one)")
+        if self.args.debug_loss:
+            logger.warning("--debug_loss: per-file losses are not logged by this trainer (it logs the step loss "
+                           "and the task's metrics); the flag has no effect")
 
     # ------------------------------------------------------------------------------------------ models
     def build_module(self):
@@ -149,17 +158,4 @@ class TextToImageLoraSDXLTask(TextToImageSDXLTask):
                                      "lr_scheduler": "constant", "lr_warmup_steps": 0, "rank": 8,
                                      "checkpointing_steps": 300, "cache_latents": True},
                            pretrained=PRETRAINED_LORA)
-    defaults = {"output_dir": "sd-model-finetuned-lora", "use_lora": True, "distributed": "ddp"}
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        super().add_arguments(parser)
-        parser.add_argument("--debug_loss", action="store_true",
-                            help="upstream flag (per-file loss to the tracker): not applied here, the loss is "
-                                 "logged per step; a warning says so")
-
-    def validate_args(self) -> None:
-        super().validate_args()
-        if self.args.debug_loss:
-            logger.warning("--debug_loss: per-file losses are not logged by this trainer (it logs the step loss "
-                           "and the task's metrics); the flag has no effect")
+    defaults = {"output_dir": None, "use_lora": True, "distributed": "ddp"}

@@ -159,7 +159,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                     f"    sys.exit(1)\nopen({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     stub.chmod(0o755)
     scripts = sorted(f for f in os.listdir(os.path.join(REPO, "test")) if f.startswith("train_"))
-    assert len(scripts) == 15
+    assert len(scripts) == 24  # the original port's 15 and nine SDXL ones
     env = dict(os.environ, PYTHON=str(stub), ASCEND_DEVICE_ID="7")
     quoted = "--extra_args=--instance_prompt=\"a photo of sks dog\""
     for script in scripts:
@@ -172,10 +172,13 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                            capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(calls) == 17
+    assert len(calls) == 26
     for call, name in zip(calls, scripts + ["train_full_8p_controlnet", "train_performance_8p_text_to_image_sd1-5_fp32"]):
         assert call[:3] == ["-m", "diffusers_npu.launch", f"--log_dir={REPO}/test/output/7"], call
-        assert call[-2:] == ["--dry_run=1", quoted] and call[3] in name  # the script's own task
+        sdxl_task = "text_to_image_lora_sdxl" if "sdxl_lora" in name else "controlnet_sdxl" \
+            if "sdxl_controlnet" in name else "text_to_image_sdxl"
+        assert call[-2:] == ["--dry_run=1", quoted]
+        assert call[3] == sdxl_task if "sdxl" in name else call[3] in name  # the script's own task
         rc, out, _ = run_launcher(call[2:], capsys)
         assert rc == 0, call
         command = shlex.split(line_after(out, "Launch: "))
@@ -189,7 +192,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
     assert calls[-2][3:5] == ["controlnet", "--num_devices=8"]
     assert calls[-1][3:5] == ["text_to_image", "--variant=performance_8p_text_to_image_sd1-5_fp32"]
     # Each 8-device text-to-image script names its own row of the table.
-    assert sorted(c[4].split("=", 1)[1] for c in calls[:15] if c[4].startswith("--variant=")) == sorted(VARIANTS)
+    assert sorted(c[4].split("=", 1)[1] for c in calls[:24] if c[4].startswith("--variant=")) == sorted(VARIANTS)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "deepspeed2", "deepspeed3"])
@@ -575,3 +578,39 @@ def test_main_job_learns_and_the_check_fails_below_its_threshold(tmp_path, embed
     assert re.search(r"^Learning check: [0-9.]+% of 100", r.stdout, re.M)
     assert re.search(r"Learning check FAILED: [0-9.]+% .*below the (required|threshold) 90\.0%", r.stdout + r.stderr)
     assert float(case["ActualFPS"]) == pytest.approx(summary["images_per_sec"], abs=1e-3)
+
+
+def test_sdxl_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default(on, capsys, monkeypatch):
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("PORT", "29600")
+    rc, out, _ = run_launcher(["text_to_image_sdxl", "--num_devices=8", "--model_name=/models/sdxl",
+                               "--dataset_name=/data/pokemon", "--mixed_precision=fp16", "--dry_run"], capsys)
+    assert rc == 0
+    command = shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: "))
+    assert command[command.index("--nproc_per_node") + 1] == "8" and "--nnodes" in command
+    assert "--distributed=fsdp" in command and "--resolution=1024" in command and "--train_batch_size=24" in command
+    rc, out, _ = run_launcher(["text_to_image_lora_sdxl", "--num_devices=8", "--model_name=/models/sdxl", "--dry_run"],
+                              capsys)
+    assert rc == 0 and "--distributed=ddp" in shlex.split(line_after(out, "Launch: "))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_full_1p_text_to_image_sdxl.sh", "train_full_1p_text_to_image_sdxl_bf16.sh",
+                                    "train_full_1p_text_to_image_sdxl_fp16.sh", "train_full_1p_sdxl_lora.sh",
+                                    "train_full_1p_sdxl_controlnet.sh"])
+def test_one_device_sdxl_launchers_run_to_the_result_lines(script, tmp_path):
+    device_id = f"pytest-sdxl-{os.getpid()}"
+    env = dict(os.environ, ASCEND_DEVICE_ID=device_id, OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run(["bash", os.path.join(REPO, "test", script), f"--output_dir={tmp_path / 'o'}",
+                            "--max_train_steps=2", "--learning_check=0", "--batch_size=4"],
+                           capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    finally:
+        import shutil
+        shutil.rmtree(os.path.join(REPO, "test", "output", device_id), ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "------------------ Final result ------------------" in r.stdout
+    assert re.search(r"^Final Performance images/sec : [0-9.]+$", r.stdout, re.M)
+    assert json.load(open(tmp_path / "o" / "train_summary.json"))["steps"] == 2

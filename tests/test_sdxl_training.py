@@ -354,6 +354,44 @@ def test_an_sd_model_is_refused_by_the_sdxl_tasks_with_a_named_line(digits, tmp_
         in err[0]
 
 
+def test_text_encoder_adapters_get_their_own_learning_rate_and_weight_decay(tiny_sdxl, digits, tmp_path):
+    from diffusers_npu.train import prepare_args
+    from diffusers_npu.train.loop import Trainer
+
+    argv = base_args(tiny_sdxl, digits, tmp_path / "o", "--train_text_encoder", "--learning_rate", "1e-4",
+                     "--text_encoder_lr", "3e-5", "--adam_weight_decay_text_encoder", "0.002")
+    t = Trainer(prepare_args(DreamBoothLoraSDXLTask, argv), DreamBoothLoraSDXLTask)
+    t.setup()
+    unet_group, te_group = t.optimizer.param_groups
+    assert (unet_group["lr"], te_group["lr"], te_group["weight_decay"]) == (1e-4, 3e-5, 0.002)
+    te_ids = {id(p) for te in (t.task.text_encoder, t.task.text_encoder_2) for p in te.parameters()}
+    assert all(id(p) in te_ids for p in te_group["params"]) and not any(id(p) in te_ids for p in unet_group["params"])
+
+
+def test_sdxl_default_resolution_is_1024_for_a_real_model():
+    from diffusers_npu.train.config import DeviceInfo, parse_args, resolve_defaults
+
+    args = parse_args(TextToImageSDXLTask, ["--pretrained_model_name_or_path", "/m", "--dataset_name", "/d"])
+    assert resolve_defaults(args, DeviceInfo("cpu"), None, TextToImageSDXLTask).resolution == 1024
+
+
+def test_validation_decodes_with_the_fp32_vae_outside_autocast(tiny_sdxl, digits, tmp_path, monkeypatch):
+    from diffusers.models.autoencoders.vae import Decoder
+
+    seen = []
+    real = Decoder.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Decoder, "forward", spy)
+    run(TextToImageSDXLTask, base_args(tiny_sdxl, digits, tmp_path / "o", "--mixed_precision", "bf16",
+                                       "--validation_prompts", "a handwritten digit one", "--num_validation_images",
+                                       "1", "--validation_inference_steps", "2", steps=1))
+    assert seen and not any(seen)  # the VAE decoded outside the bf16 autocast of validation
+
+
 def test_full_fine_tuning_defaults_to_fsdp_and_lora_to_ddp():
     from diffusers_npu.train.config import build_parser
     from diffusers_npu.train.registry import get_task

@@ -94,7 +94,8 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     g.add_argument("--max_train_samples", type=positive_int, default=None, metavar="N",
                    help="train on the first N samples only")
     g.add_argument("--resolution", type=resolution_type, default=None, metavar="PX",
-                   help="training resolution, a multiple of 8; default 512, or 16 for the embedded model")
+                   help="training resolution, a multiple of 8; default 512 (1024 for SDXL), or 16 for the embedded "
+                        "model")
     _switch(g, "--center_crop", "center crop instead of a random crop")
     _switch(g, "--random_flip", "flip images horizontally at random (per sample and epoch)")
     g.add_argument("--image_interpolation_mode", default="lanczos",
@@ -169,8 +170,8 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     _switch(g, "--set_grads_to_none", "free gradients after each step (set to None) instead of zeroing them")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help="optimizer; default fused_adamw on NPU/CUDA, adamw on CPU")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, type=str.lower,
+                   help="optimizer (any case: upstream's 'AdamW' works); default fused_adamw on NPU/CUDA, adamw on CPU")
     _switch(g, "--use_megatron_npu_adamW", "original port flag: same as --optimizer megatron_adamw")
     _switch(g, "--use_npu_fuse_adamW", "original port flag: same as --optimizer fused_adamw")
     _switch(g, "--use_8bit_adam", "upstream flag: same as --optimizer adamw_8bit (needs bitsandbytes)")

@@ -117,9 +117,11 @@ def optimizer_and_schedule(t, module) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"the {t.task.name} task has no trainable parameters")
-    lr = a.learning_rate
-    if a.scale_lr:
-        lr = lr * a.train_batch_size * a.gradient_accumulation_steps * rt.world_size
+    scale = a.train_batch_size * a.gradient_accumulation_steps * rt.world_size if a.scale_lr else 1
+    lr = a.learning_rate * scale
+    groups = t.task.optimizer_groups(params)
+    if groups:  # e.g. the text encoders' own learning rate; --scale_lr scales every group alike
+        params = [dict(g, lr=g["lr"] * scale) if "lr" in g else g for g in groups]
     # With an fp16 GradScaler the optimizer must take the scaler's found_inf on the device, or every
     # scaler.step would wait for the host (see optim.supports_sync_free_amp).
     try:

@@ -29,7 +29,8 @@ def configure_prepare_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..embedded import prepare
+    from .. import embedded, embedded_sdxl
 
-    print(json.dumps(prepare(force=args.force), indent=1))
+    made = {"sd": embedded.prepare(force=args.force), "sdxl": embedded_sdxl.prepare(force=args.force)}
+    print(json.dumps(made, indent=1))
     return 0

@@ -195,7 +195,7 @@ def resolve_defaults(args: argparse.Namespace, info: DeviceInfo, embedded: Optio
     if a.pretrained_model_name_or_path in (None, "", "embedded"):
         raise UsageError("--pretrained_model_name_or_path is needed (the embedded model was not prepared)")
     if a.resolution is None:
-        a.resolution = 512
+        a.resolution = task_cls.default_resolution if task_cls is not None else 512
     if a.learning_check is None:
         a.learning_check = False
     if a.learning_check and not a.embedded:

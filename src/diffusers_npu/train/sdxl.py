@@ -195,6 +195,7 @@ class SDXLTask(DiffusionTask):
     module's forward and their outputs (and may mix in an SD task for its flags and data)."""
 
     pipeline_class_name = "StableDiffusionXLPipeline"
+    default_resolution = 1024  # SDXL's native size (upstream's default)
 
     @classmethod
     def prepare_embedded(cls, progress: bool = False) -> dict:
@@ -318,7 +319,20 @@ class SDXLTask(DiffusionTask):
         return pipe
 
     def pipeline(self):
-        return self.sd_pipeline()
+        """The validation pipeline. Validation runs under the training autocast; the VAE's decode is taken out
+        of it, so a fp32 VAE really decodes in fp32 (SDXL's VAE overflows in fp16)."""
+        pipe = self.sd_pipeline()
+        vae = pipe.vae
+        if not getattr(vae, "_dnpu_decode_outside_autocast", False):
+            decode, device = vae.decode, self.rt.device
+
+            def decode_without_autocast(z, *args, **kwargs):
+                with no_autocast(device):  # the latents come from the autocast UNet: bring them to the VAE
+                    return decode(z.to(vae.dtype), *args, **kwargs)
+
+            vae.decode = decode_without_autocast
+            vae._dnpu_decode_outside_autocast = True
+        return pipe
 
     def lora_text_encoders(self) -> None:
         """LoRA on both text encoders' attention (``--train_text_encoder --use_lora``); the base weights stay in

@@ -77,6 +77,7 @@ class Task(abc.ABC):
     ema_refusal: ClassVar[str] = ""             # why not, when supports_ema is False
     uses_embedded_data: ClassVar[bool] = True   # no data flags -> the embedded digits
     output_kind: ClassVar[str] = "pipeline"     # pipeline | lora | textual_inversion | controlnet
+    default_resolution: ClassVar[int] = 512     # --resolution when a real model is trained
 
     @classmethod
     def prepare_embedded(cls, progress: bool = False) -> dict:
@@ -131,6 +132,10 @@ class Task(abc.ABC):
 
     def ema_model(self) -> Optional[torch.nn.Module]:
         """The model --use_ema averages (its trainable parameters)."""
+        return None
+
+    def optimizer_groups(self, params: List[torch.Tensor]) -> Optional[List[dict]]:
+        """Parameter groups with their own options (``lr``, ``weight_decay``), or None for one group."""
         return None
 
     def after_optimizer_step(self, step: int) -> None:

@@ -141,14 +141,20 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
             if bad:
                 raise UsageError(message)
         super().validate_args()
-        if a.train_text_encoder and (a.text_encoder_lr != a.learning_rate or
-                                     a.adam_weight_decay_text_encoder != a.adam_weight_decay):
-            logger.warning("--text_encoder_lr %g / --adam_weight_decay_text_encoder %g: the trainer has one parameter "
-                           "group, so the text encoders' adapters train with --learning_rate %g and "
-                           "--adam_weight_decay %g", a.text_encoder_lr, a.adam_weight_decay_text_encoder,
-                           a.learning_rate, a.adam_weight_decay)
         if a.skip_save_text_encoder:
             logger.warning("--skip_save_text_encoder: the output holds only LoRA weights; the flag has no effect")
+
+    def optimizer_groups(self, params):
+        """As upstream: the text encoders' adapters get --text_encoder_lr and --adam_weight_decay_text_encoder."""
+        a = self.args
+        if not a.train_text_encoder:
+            return None
+        te_ids = {id(p) for te in (self.text_encoder, self.text_encoder_2) for p in te.parameters()}
+        unet = [p for p in params if id(p) not in te_ids]
+        te = [p for p in params if id(p) in te_ids]
+        return [{"params": unet},
+                {"params": te, "lr": a.text_encoder_lr or a.learning_rate,
+                 "weight_decay": a.adam_weight_decay_text_encoder}]
 
     # ------------------------------------------------------------------------------------------ models
     def build_module(self):

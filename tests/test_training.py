@@ -232,7 +232,7 @@ def test_help_says_each_default_once_and_describes_the_script(capsys):
         start = text.index(f"\n  {flag} ")
         block = text[start:start + 400]
         assert fragment in block, (flag, block)
-    assert " ".join(text.split()).count("default 512, or 16 for the embedded model") == 1
+    assert " ".join(text.split()).count("default 512 (1024 for SDXL), or 16 for the embedded model") == 1
 
 
 # ------------------------------------------------------------------------------------- no host sync
@@ -279,3 +279,38 @@ def test_no_host_synchronisation_between_flushes(tmp_path, monkeypatch):
         in_step = {k: v for k, v in calls.items() if k[0] == "step"}
         assert in_step == {}, (name, in_step)
         assert calls[("flush", "tolist")] >= 2 and calls[("flush", "synchronize")] == 2  # one read per flush
+
+
+# ------------------------------------------------------------------------------------- aspect-ratio buckets
+def test_aspect_ratio_buckets_batch_by_shape_record_crops_and_resume_exactly(tmp_path, monkeypatch, embedded_paths):
+    from datasets import load_dataset
+    from PIL import Image
+
+    from diffusers_npu.train.tasks.text_to_image import TextToImageModule
+
+    rows = load_dataset(embedded_paths["dataset"], split="train").select(range(24))
+    data = tmp_path / "imgs"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            w, h = [(16, 16), (32, 16), (16, 32)][i % 3]  # square, wide, tall
+            r["image"].resize((w, h), Image.NEAREST).save(data / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": r["text"]}) + "\n")
+    seen = []
+    real = TextToImageModule.forward
+
+    def spy(self, batch):
+        seen.append((tuple(batch["pixel_values"].shape[-2:]), batch["crop_top_left"].tolist(),
+                     batch["original_size"].tolist()))
+        return real(self, batch)
+
+    monkeypatch.setattr(TextToImageModule, "forward", spy)
+    flags = ["--train_data_dir", data, "--aspect_ratio_buckets", "--random_flip", "--resume_from_checkpoint", "latest"]
+    train(T2I, tmp_path / "straight", *flags, steps=6, batch=2)
+    shapes = {s for s, _, _ in seen}
+    assert len(shapes) == 3  # three buckets, each batch one shape (a stack of mixed shapes would fail)
+    assert all(len(crops) == 2 and len(orig) == 2 for _, crops, orig in seen)
+    assert any(o[0] != o[1] for _, _, origs in seen for o in origs)  # original sizes of wide/tall images kept
+    train(T2I, tmp_path / "split", *flags, steps=3, batch=2, ckpt=3)
+    train(T2I, tmp_path / "split", *flags, steps=6, batch=2)
+    assert same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))

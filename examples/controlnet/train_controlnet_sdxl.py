@@ -4,7 +4,7 @@ StableDiffusionXLControlNetPipeline.
 
 With no --pretrained_model_name_or_path / data flags it uses the embedded offline SDXL digits model and data
 set (conditioning: Sobel edges of each digit). All logic lives in diffusers_npu.train; run with --help for
-every flag (docs/sdxl.md).
+every flag (README, Stable Diffusion XL).
 """
 import sys
 

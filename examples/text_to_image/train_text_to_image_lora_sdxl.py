@@ -3,7 +3,7 @@
 Writes pytorch_lora_weights.safetensors for StableDiffusionXLPipeline.load_lora_weights.
 
 With no --pretrained_model_name_or_path / --dataset_name it uses the embedded offline SDXL digits model and
-data set. All logic lives in diffusers_npu.train; run with --help for every flag (docs/sdxl.md).
+data set. All logic lives in diffusers_npu.train; run with --help for every flag (README, Stable Diffusion XL).
 """
 import sys
 

@@ -4,7 +4,7 @@ text encoders, the pooled text embedding and per-sample micro-conditioning time 
 
 With no --pretrained_model_name_or_path / --dataset_name it trains the embedded offline SDXL digits model on
 the embedded digits; its tuned settings are examples/text_to_image/configs/embedded_digits_sdxl.yaml
-(--config). All logic lives in diffusers_npu.train; run with --help for every flag (docs/sdxl.md).
+(--config). All logic lives in diffusers_npu.train; run with --help for every flag (README, Stable Diffusion XL).
 """
 import sys
 

@@ -239,7 +239,7 @@ def get_preset(name: str) -> Preset:
         # 64-wide text encoders (cross attention sees 64 + 64), and a UNet whose pooled-text + time-id embedding
         # tells every ResNet block which digit is asked for. The UNet is half the digits model's width: it
         # runs about 3x the images/s of (64, 128) on a CPU and learns the digits (learning check 100%) in 1000
-        # steps, where (64, 128) reached 18% in 400 steps, about the same CPU time (docs/sdxl.md).
+        # steps, where (64, 128) reached 18% in 400 steps, about the same CPU time (README, Stable Diffusion XL).
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         text_2 = dict(text, projection_dim=64)
         return Preset(

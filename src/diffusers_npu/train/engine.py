@@ -82,7 +82,7 @@ def _fsdp_plugin(module, mixed_precision: str):
 
 def _deepspeed_plugin(args):
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  (only whether it imports)
     except ImportError:
         raise UsageError("--distributed deepspeed needs DeepSpeed, which is not installed: "
                          "pip install 'diffusers-npu[deepspeed]' (or pip install deepspeed)") from None

@@ -78,6 +78,24 @@ class Objective:
         w = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
         return w / snr if self.prediction_type == "epsilon" else w / (snr + 1)
 
+    def prior_generators(self, batch, prior: bool):
+        """Per-sample generators for instance samples followed, with prior preservation, by their class
+        samples, which draw from their own streams."""
+        gens = self.generators(batch)
+        if gens is not None and prior:
+            gens = gens + [torch.Generator().manual_seed(g.initial_seed() ^ 0x5DEECE66D) for g in gens]
+        return gens
+
+    @staticmethod
+    def prior_preservation(per_sample: torch.Tensor, n_instance: int, weight: float):
+        """DreamBooth's loss from per-sample losses of instance samples then class samples:
+        ``instance + weight * prior``, with both parts as metrics."""
+        instance = per_sample[:n_instance].mean()
+        if per_sample.shape[0] == n_instance:
+            return instance, {"instance_loss": instance.detach()}
+        prior = per_sample[n_instance:].mean()
+        return instance + weight * prior, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, reduce: bool = True):
         """MSE in fp32, per sample, optionally Min-SNR weighted; the mean over the batch when ``reduce``."""
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))

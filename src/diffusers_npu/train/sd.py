@@ -119,8 +119,9 @@ class DiffusionTask(Task):
     pipeline_class_name = "StableDiffusionPipeline"
 
     # ------------------------------------------------------------------------------------- models
-    def load_components(self) -> None:
-        """tokenizer, noise_scheduler, text_encoder, vae, unet; frozen encoders in the autocast dtype."""
+    def load_components(self, unet_dtype: Optional[torch.dtype] = None) -> None:
+        """tokenizer, noise_scheduler, text_encoder, vae, unet; frozen encoders in the autocast dtype, the UNet
+        in ``unet_dtype`` (a frozen UNet: the autocast dtype) or fp32 (it trains)."""
         a, rt = self.args, self.rt
         path = a.pretrained_model_name_or_path
         if looks_local(path):
@@ -136,7 +137,7 @@ class DiffusionTask(Task):
         # master weights and are autocast in the step.
         self.text_encoder = load_component("text_encoder", path, a.revision, a.variant, torch_dtype=rt.weight_dtype)
         self.vae = load_component("vae", path, a.revision, a.variant, torch_dtype=rt.weight_dtype)
-        self.unet = load_component("unet", path, a.non_ema_revision or a.revision, a.variant)
+        self.unet = load_component("unet", path, a.non_ema_revision or a.revision, a.variant, torch_dtype=unet_dtype)
         for m in (self.vae, self.text_encoder):
             m.requires_grad_(False)
             m.eval()
@@ -242,11 +243,31 @@ class DiffusionTask(Task):
                 **extra}
         return write_json_atomic(os.path.join(folder, TRAINING_INFO_NAME), info)
 
+    # The models' roles, for the common case (the UNet trains); tasks that train something else override them.
+    def attention_models(self):
+        return [self.unet, self.vae]
+
+    def checkpointing_models(self):
+        return [self.unet]
+
+    def compile_models(self):
+        return [self.unet]
+
     def ema_model(self):
         return self.unet
 
     def summary_extra(self) -> dict:
         return {}
+
+
+def cast_frozen(model, dtype: torch.dtype):
+    """Cast a frozen diffusers model loaded in fp32 (e.g. the UNet a ControlNet was copied from) to the autocast
+    dtype. diffusers' ``ModelMixin.to`` warns on every dtype cast, for modules it must keep in fp32; a model
+    that declares none is cast by torch directly, without the warning (one that does is cast as diffusers does,
+    warning included)."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(dtype=dtype)
+    return torch.nn.Module.to(model, dtype=dtype)
 
 
 def save_unet_like(model, folder: str, rt, ema_state: Optional[dict] = None, name: str = "unet") -> List[str]:

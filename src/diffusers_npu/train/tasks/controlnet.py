@@ -19,12 +19,10 @@ import math
 import os
 from typing import List, Optional
 
-import torch
-
 from ...errors import DataError, ModelError, UsageError
 from .. import weights
 from ..registry import LaunchProfile, register_task
-from ..sd import DiffusionTask, Frozen, SDModule, load_unet_like, save_unet_like
+from ..sd import DiffusionTask, Frozen, SDModule, cast_frozen, load_unet_like, save_unet_like
 
 logger = logging.getLogger(__name__)
 
@@ -99,31 +97,41 @@ class ControlNetTask(DiffusionTask):
                              f"prompt), got {len(a.validation_image)}")
 
     # ------------------------------------------------------------------------------------------ models
-    def build_module(self):
+    def make_controlnet(self, sdxl: bool = False) -> None:
+        """``self.controlnet`` from --controlnet_model_name_or_path (checked against the VAE's factor and, for
+        SDXL, its text_time embedding) or as a zero-initialised copy of the fp32 UNet; then the UNet is frozen
+        in the autocast dtype."""
         from diffusers import ControlNetModel
 
-        self.load_components()
         a, rt = self.args, self.rt
         factor = self.vae_scale_factor()
+        flag = "--controlnet_model_name_or_path"
         if a.controlnet_model_name_or_path:
             try:
                 self.controlnet = ControlNetModel.from_pretrained(a.controlnet_model_name_or_path)
             except Exception as e:
-                raise ModelError(f"--controlnet_model_name_or_path: cannot load a ControlNet from "
-                                 f"{a.controlnet_model_name_or_path}: {type(e).__name__}: {e}") from None
+                raise ModelError(f"{flag}: cannot load a ControlNet from {a.controlnet_model_name_or_path}: "
+                                 f"{type(e).__name__}: {e}") from None
+            if sdxl and self.controlnet.config.addition_embed_type != "text_time":
+                raise ModelError(f"{flag}: {a.controlnet_model_name_or_path} is not an SDXL ControlNet (no text_time "
+                                 f"embedding)")
             have = len(self.controlnet.config.conditioning_embedding_out_channels) - 1
             if 2 ** have != factor:
-                raise ModelError(f"--controlnet_model_name_or_path: its conditioning embedding downsamples by "
-                                 f"{2 ** have} but the VAE by {factor}")
-        else:
+                raise ModelError(f"{flag}: its conditioning embedding downsamples by {2 ** have} but the VAE by "
+                                 f"{factor}")
+        else:  # copied from the fp32 UNet, before the UNet drops to the autocast dtype below
             self.controlnet = ControlNetModel.from_unet(
                 self.unet, conditioning_embedding_out_channels=embedding_channels_for(factor))
         self.controlnet.to(rt.device)  # fp32 master weights, autocast in the step
         self.controlnet.train()
         self.unet.requires_grad_(False)
-        self.unet.to(dtype=rt.weight_dtype)  # frozen: run it in the autocast dtype
+        cast_frozen(self.unet, rt.weight_dtype)  # frozen (never wrapped by the engine): the autocast dtype
+
+    def build_module(self):
+        self.load_components()
+        self.make_controlnet()
         frozen = Frozen(vae=self.vae, text_encoder=self.text_encoder, unet=self.unet)
-        return ControlNetModule(frozen, self.objective(), rt.weight_dtype, controlnet=self.controlnet)
+        return ControlNetModule(frozen, self.objective(), self.rt.weight_dtype, controlnet=self.controlnet)
 
     def attention_models(self):
         return [self.unet, self.vae, self.controlnet]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 
-from ...errors import ModelError, UsageError
+from ...errors import UsageError
 from ..registry import LaunchProfile, register_task
 from ..sd import Frozen
 from ..sdxl import SDXLModule, SDXLTask, add_vae_argument
-from .controlnet import ControlNetTask, embedding_channels_for
+from .controlnet import ControlNetTask
 
 logger = logging.getLogger(__name__)
 
@@ -89,32 +89,9 @@ class ControlNetSDXLTask(SDXLTask, ControlNetTask):
 
     # ------------------------------------------------------------------------------------------ models
     def build_module(self):
-        from diffusers import ControlNetModel
-
-        a, rt = self.args, self.rt
+        rt = self.rt
         self.load_components()
-        factor = self.vae_scale_factor()
-        if a.controlnet_model_name_or_path:
-            try:
-                self.controlnet = ControlNetModel.from_pretrained(a.controlnet_model_name_or_path)
-            except Exception as e:
-                raise ModelError(f"--controlnet_model_name_or_path: cannot load a ControlNet from "
-                                 f"{a.controlnet_model_name_or_path}: {type(e).__name__}: {e}") from None
-            if self.controlnet.config.addition_embed_type != "text_time":
-                raise ModelError(f"--controlnet_model_name_or_path: {a.controlnet_model_name_or_path} is not an SDXL "
-                                 f"ControlNet (no text_time embedding)")
-            have = len(self.controlnet.config.conditioning_embedding_out_channels) - 1
-            if 2 ** have != factor:
-                raise ModelError(f"--controlnet_model_name_or_path: its conditioning embedding downsamples by "
-                                 f"{2 ** have} but the VAE by {factor}")
-        else:
-            # copied from the fp32 UNet before the UNet drops to the autocast dtype
-            self.controlnet = ControlNetModel.from_unet(
-                self.unet, conditioning_embedding_out_channels=embedding_channels_for(factor))
-        self.controlnet.to(rt.device)  # fp32 master weights, autocast in the step
-        self.controlnet.train()
-        self.unet.requires_grad_(False)
-        self.unet.to(dtype=rt.weight_dtype)  # frozen (never wrapped by the engine): the autocast dtype
+        self.make_controlnet(sdxl=True)
         frozen = Frozen(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                         unet=self.unet)
         module = ControlNetSDXLModule(frozen, self.objective(), rt.weight_dtype, controlnet=self.controlnet)

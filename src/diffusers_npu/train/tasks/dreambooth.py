@@ -94,19 +94,12 @@ class DreamBoothModule(SDModule):
         if prior:  # one forward over instance + class samples
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             states = torch.cat([states, self.states(batch, "class_")])
-        gens = self.objective.generators(batch)
-        if gens is not None and prior:  # class samples draw from their own streams
-            gens = gens + [torch.Generator().manual_seed(g.initial_seed() ^ 0x5DEECE66D) for g in gens]
+        gens = self.objective.prior_generators(batch, prior)
         latents = self.latents({"pixel_values": pixels}, gens)
         noisy, t, target = self.objective.noisy(latents, gens)
         pred = self.unet(noisy, t, states, class_labels=t if self.class_labels else None, return_dict=False)[0]
         per = self.objective.loss(pred, target, t, reduce=False)
-        instance = per[:n].mean()
-        if not prior:
-            return instance, {"instance_loss": instance.detach()}
-        prior_loss = per[n:].mean()
-        return instance + self.prior_loss_weight * prior_loss, {"instance_loss": instance.detach(),
-                                                                "prior_loss": prior_loss.detach()}
+        return self.objective.prior_preservation(per, n, self.prior_loss_weight)
 
 
 @register_task
@@ -256,14 +249,8 @@ class DreamBoothTask(DiffusionTask):
                                 prior_loss_weight=a.prior_loss_weight,
                                 class_labels=a.class_labels_conditioning == "timesteps")
 
-    def attention_models(self):
-        return [self.unet, self.vae]
-
     def checkpointing_models(self):
         return [self.unet] + ([self.text_encoder] if self.args.train_text_encoder else [])
-
-    def compile_models(self):
-        return [self.unet]
 
     # -------------------------------------------------------------------------------------------- data
     def encode_prompt(self, prompt: str) -> dict:

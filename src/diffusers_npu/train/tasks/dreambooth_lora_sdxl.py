@@ -57,19 +57,12 @@ class DreamBoothSDXLModule(SDXLModule):
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             embeds = torch.cat([embeds, class_embeds])
             cond = {k: torch.cat([v, class_cond[k]]) for k, v in cond.items()}
-        gens = self.objective.generators(batch)
-        if gens is not None and prior:  # class samples draw from their own streams (as SD DreamBooth)
-            gens = gens + [torch.Generator().manual_seed(g.initial_seed() ^ 0x5DEECE66D) for g in gens]
+        gens = self.objective.prior_generators(batch, prior)
         latents = self.latents({"pixel_values": pixels}, gens)
         noisy, t, target = self.objective.noisy(latents, gens)
         pred = self.unet(noisy, t, embeds, added_cond_kwargs=cond, return_dict=False)[0]
         per = self.objective.loss(pred, target, t, reduce=False)
-        instance = per[:n].mean()
-        if not prior:
-            return instance, {"instance_loss": instance.detach()}
-        prior_loss = per[n:].mean()
-        return instance + self.prior_loss_weight * prior_loss, {"instance_loss": instance.detach(),
-                                                                "prior_loss": prior_loss.detach()}
+        return self.objective.prior_preservation(per, n, self.prior_loss_weight)
 
 
 @register_task
@@ -170,14 +163,8 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
         return DreamBoothSDXLModule(frozen, self.objective(), rt.weight_dtype, unet=self.unet,
                                     **self.trained_text_encoders(), prior_loss_weight=a.prior_loss_weight)
 
-    def attention_models(self):
-        return [self.unet, self.vae]
-
     def checkpointing_models(self):
         return [self.unet] + list(self.trained_text_encoders().values())
-
-    def compile_models(self):
-        return [self.unet]
 
     def ema_model(self):
         return None

@@ -110,18 +110,6 @@ class TextToImageTask(DiffusionTask):
     def build_dataset(self):
         return self.image_caption_dataset()
 
-    def attention_models(self):
-        return [self.unet, self.vae]
-
-    def checkpointing_models(self):
-        return [self.unet]
-
-    def compile_models(self):
-        return [self.unet]
-
-    def ema_model(self):
-        return self.unet
-
     # ------------------------------------------------------------------------------------------ outputs
     def save_trained(self, folder: str, ema_state=None) -> List[str]:
         if self.use_lora:

@@ -129,13 +129,12 @@ class TextualInversionTask(DiffusionTask):
 
     # ------------------------------------------------------------------------------------------ models
     def build_module(self):
-        self.load_components()
         a, rt = self.args, self.rt
+        self.load_components(unet_dtype=rt.weight_dtype)  # frozen: run it in the autocast dtype
         # The text encoder holds the trained matrix: reload it at full precision (load_components cast it).
         self.text_encoder = load_component("text_encoder", a.pretrained_model_name_or_path, a.revision,
                                            a.variant).to(rt.device)
         self.unet.requires_grad_(False)
-        self.unet.to(dtype=rt.weight_dtype)  # frozen: run it in the autocast dtype
         tok = self.tokenizer
         self.placeholder_tokens = [a.placeholder_token] + [f"{a.placeholder_token}_{i}" for i in range(1, a.num_vectors)]
         init_ids = tok.encode(a.initializer_token, add_special_tokens=False)
@@ -164,11 +163,11 @@ class TextualInversionTask(DiffusionTask):
         frozen = Frozen(vae=self.vae, text_encoder=self.text_encoder, unet=self.unet)
         return TextualInversionModule(frozen, self.objective(), rt.weight_dtype, token_embedding=emb)
 
-    def attention_models(self):
-        return [self.unet, self.vae]
+    def checkpointing_models(self):
+        return []  # the UNet is frozen; nothing that trains has blocks to recompute
 
-    def compile_models(self):
-        return [self.unet]
+    def ema_model(self):
+        return None
 
     def after_optimizer_step(self, step: int) -> None:
         with torch.no_grad():  # every row but the new tokens' goes back to its original bits

@@ -3,6 +3,7 @@
 Install for development with ``pip install -e .[test]``. Extras:
   npu   -- torch_npu (Ascend; install the build matching your CANN toolkit)
   apex  -- NVIDIA apex (optional fused kernels)
+  deepspeed -- DeepSpeed, for --distributed deepspeed (ZeRO 2/3)
   test  -- pytest and the packages the offline test-suite uses
 """
 from setuptools import find_packages, setup
@@ -30,6 +31,7 @@ setup(
         "apex": ["apex"],
         "lora": ["peft>=0.10"],
         "8bit": ["bitsandbytes"],
+        "deepspeed": ["deepspeed"],
         "test": ["pytest>=7", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["diffusers-npu=diffusers_npu.cli:main"]},

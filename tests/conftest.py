@@ -21,6 +21,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "DIFFUSERS_NPU_HOME" not in os.environ:
     os.environ["DIFFUSERS_NPU_HOME"] = tempfile.mkdtemp(prefix="dnpu-test-home-")
 
+# transformers and diffusers give their loggers a handler bound to sys.stderr when first used. Done inside a
+# test that captures output (capsys), that handler would keep the test's stream, closed after it, and every
+# later library warning would print a "Logging error" traceback: configure them now, for the whole session.
+import diffusers.utils.logging  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+transformers.utils.logging.get_logger("transformers")
+diffusers.utils.logging.get_logger("diffusers")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -278,7 +278,7 @@ def test_unknown_option_and_bad_values_are_one_line(on, capsys):
     assert rc == 2 and err == ("error: unrecognized arguments: --batch_sise=4 (did you mean --batch_size?) "
                                "(see diffusers-npu launch --help)\n")
     rc, _, err = run_launcher(["text_to_image", "--num_devices=two"], capsys)
-    assert rc == 2 and "argument --num_devices/--nproc: expected a whole number, got 'two'" in err
+    assert rc == 2 and "argument --num_devices/--nproc: expected an integer >= 1, got 'two'" in err
     rc, _, err = run_launcher(["text_to_image", "--dry_run", "--distributed=fsdp", "--zero_stage=3"], capsys)
     assert rc == 2 and err.strip() == ("error: --zero_stage=3 applies to --distributed=deepspeed only "
                                        "(got --distributed=fsdp)")

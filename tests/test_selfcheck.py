@@ -177,6 +177,18 @@ def test_npu_selfcheck_script(tmp_path):
     assert report["environment"]["device"] == "cpu" and report["cpu_threads"].endswith("(OMP_NUM_THREADS=1)")
 
 
+@pytest.mark.slow
+def test_the_whole_npu_selfcheck_passes_on_cpu(tmp_path):
+    """Issue #10's acceptance: `bash test/npu_selfcheck.sh` with its training runs passes in CI on CPU."""
+    path = tmp_path / "full.json"
+    r = _bash(f"bash test/npu_selfcheck.sh --device cpu --json {path}",
+              {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(path.read_text())
+    assert report["all_passed"] and report["counts"]["pass"] > N_NUMERIC  # the training rows ran too
+    assert report["counts"].get("fail", 0) == 0
+
+
 def test_selfcheck_rejects_bad_flags(capsys):
     assert cli.main(["selfcheck", "--steps", "0", "--skip_training"]) == 2
     assert capsys.readouterr().err.strip() == "error: --steps must be >= 1 (got 0)"

@@ -53,6 +53,46 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+# ------------------------------------------------------------------------------------------ value types
+def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
+    """An argparse type: a finite ``kind`` (int or float) in [lo, hi] (open ends with ``lo_open``/``hi_open``)."""
+    import math
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what or ('an integer' if kind is int else 'a number')}, "
+                                             f"got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+        if low_bad or high_bad:
+            rng = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                   f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+            raise argparse.ArgumentTypeError(f"expected {what or f'a value in {rng}'}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number(int, 1, what="an integer >= 1")
+nonneg_int = number(int, 0, what="an integer >= 0")
+positive_float = number(float, 0.0, lo_open=True, what="a number > 0")
+nonneg_float = number(float, 0.0, what="a number >= 0")
+unit_float = number(float, 0.0, 1.0, what="a number in [0, 1]")
+
+
+def multiple_of_8(text):
+    """A positive multiple of 8 (image sizes: latents are 1/8 of the pixels for Stable Diffusion's VAE)."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 8, got {text!r}")
+    return value
+
+
 def run_main(func: Callable[[], Optional[int]]) -> int:
     """Call ``func`` and turn project errors into one line on stderr and their exit code."""
     try:
@@ -66,4 +106,5 @@ def run_main(func: Callable[[], Optional[int]]) -> int:
     return 0 if status is None else int(status)
 
 
-__all__ = ["ArgumentParser", "HelpFormatter", "run_main"]
+__all__ = ["ArgumentParser", "HelpFormatter", "multiple_of_8", "nonneg_float", "nonneg_int", "number",
+           "positive_float", "positive_int", "run_main", "unit_float"]

@@ -9,7 +9,7 @@ import json
 import textwrap
 from typing import Optional, Sequence
 
-from ..cliutil import ArgumentParser, HelpFormatter
+from ..cliutil import ArgumentParser, HelpFormatter, multiple_of_8, nonneg_int, number, positive_int
 from .tasks import ATTENTION_MODES, DEVICES, DTYPES, TASKS, TaskSpec, get_task
 
 
@@ -21,48 +21,12 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0 or value >= 2**63 - 2**20:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (and < 2**63), got {text!r}")
-    return value
-
-
-def _size(text: str) -> int:
-    value = _positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"expected a positive multiple of 8, got {text!r}")
-    return value
+# The project's value types (cliutil); the old names stay for the code below.
+_positive_int, _nonnegative_int, _size = positive_int, nonneg_int, multiple_of_8
 
 
 def _float(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = value != value or (lo is not None and (value <= lo if lo_open else value < lo))
-        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi)) or value in (float("inf"),)
-        if bad:
-            low = f"({lo}" if lo_open else f"[{lo}"
-            high = (f"{hi})" if hi_open else f"{hi}]") if hi is not None else "inf)"
-            raise argparse.ArgumentTypeError(f"expected a number in {low}, {high}, got {text!r}")
-        return value
-
-    return parse
+    return number(float, lo, hi, lo_open, hi_open)
 
 
 def _model_help(spec: TaskSpec) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence, Tuple
 
+from ..cliutil import nonneg_int, positive_int
 from .variants import TABLE as VARIANTS
 
 #: ModelZoo option -> training flag (upstream diffusers names).
@@ -30,24 +31,8 @@ MODELZOO_FLAGS = {
 DATA_OPTIONS = ("dataset_name", "local_data_dir", "train_data_dir")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+# The project's value types (cliutil).
+_positive_int, _nonneg_int = positive_int, nonneg_int
 
 
 def _number(text: str) -> str:

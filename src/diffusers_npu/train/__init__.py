@@ -136,7 +136,7 @@ def main(task, argv=None) -> int:
         note = getattr(e, "note", None) or "nothing was trained yet"
         print(f"error: stopped by {e}; {note}", file=sys.stderr, flush=True)
         return e.exit_code
-    if summary.get("exit_reason") == "preempted":
+    if summary.get("exit_reason") == "preempted" and os.environ.get("RANK", "0") == "0":
         print("Pre-empted: checkpoint saved; rerun the same command (with --resume_from_checkpoint latest) to "
               "continue.", flush=True)
     return 0

@@ -12,48 +12,16 @@ are resolved by :func:`diffusers_npu.train.config.resolve_defaults` and say so.
 from __future__ import annotations
 
 import argparse
-import math
 
-from ..cliutil import ArgumentParser
+from ..cliutil import (ArgumentParser, multiple_of_8, nonneg_float, nonneg_int, number, positive_float,
+                       positive_int, unit_float)
 
 DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
 
 
-# ------------------------------------------------------------------------------------- value types
-def _number(kind, lo=None, hi=None, lo_open=False, what=None):
-    """An argparse type: a finite number of ``kind`` within [lo, hi] (or (lo, hi] with ``lo_open``)."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected {what or ('an integer' if kind is int else 'a number')}, "
-                                             f"got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
-        if low_bad or (hi is not None and value > hi):
-            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise argparse.ArgumentTypeError(f"expected {what or f'a value in {rng}'}, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, 1, what="an integer >= 1")
-nonneg_int = _number(int, 0, what="an integer >= 0")
-positive_float = _number(float, 0.0, lo_open=True, what="a number > 0")
-nonneg_float = _number(float, 0.0, what="a number >= 0")
-unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
-
-
-def resolution_type(text):
-    value = positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"expected a positive multiple of 8, got {text!r}")
-    return value
+# Value types: the project's one set (cliutil), so every entry point words a bad number the same way.
+resolution_type = multiple_of_8
 
 
 def _switch(group, name, help):
@@ -104,7 +72,7 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     _switch(g, "--aspect_ratio_buckets",
             "group images by aspect ratio into buckets of about resolution^2 pixels; each batch comes from one "
             "bucket and is resized/cropped to it (no square crop of every image)")
-    g.add_argument("--bucket_max_ratio", type=_number(float, 1.0, what="a number >= 1"), default=2.0, metavar="R",
+    g.add_argument("--bucket_max_ratio", type=number(float, 1.0, what="a number >= 1"), default=2.0, metavar="R",
                    help="with --aspect_ratio_buckets: the most elongated bucket's long side / short side")
     _switch(g, "--skip_bad_images", "skip (and count) rows whose image cannot be decoded instead of stopping")
     g.add_argument("--dataloader_num_workers", type=nonneg_int, default=0, metavar="N",

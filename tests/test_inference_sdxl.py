@@ -95,7 +95,7 @@ def test_sdxl_refiner_finishes_the_base_models_schedule(tmp_path, files, capsys,
          "is not a Stable Diffusion XL pipeline; the refiner finishes SDXL images only"),
         ([*base, "--refiner", tiny("sd")], "--refiner: " + tiny("sd") + " is a StableDiffusionPipeline folder"),
         ([*base, "--high_noise_frac", "0.5"], "--high_noise_frac only applies with --refiner"),
-        ([*base, "--refiner", tiny("sdxl-refiner"), "--high_noise_frac", "1"], "--high_noise_frac: expected a number"),
+        ([*base, "--refiner", tiny("sdxl-refiner"), "--high_noise_frac", "1"], "--high_noise_frac: expected a value in (0.0, 1.0), got '1'"),
     ]
     for argv, message in bad:
         rc, _, err = run_main("text-to-image", [*COMMON, *argv, "--output_dir", tmp_path / "bad"], capsys)

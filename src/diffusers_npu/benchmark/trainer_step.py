@@ -79,28 +79,26 @@ def time_trainer(task_name: str, argv: list, steps: int, warmup: int) -> dict:
             # fp16 scale record -- without the log lines, checkpoints or validation a run does at a flush.
             losses.extend(r["loss"] for r in trainer.read_buffer())
 
+        def run_steps(n):
+            # what Trainer.run does per step, with its flush's read-back every --log_every steps
+            for i in range(n):
+                trainer.train_step(loader)
+                if (i + 1) % args.log_every == 0:
+                    read_buffer()
+            read_buffer()
+            common.sync(device)
+            rt.barrier()
+
         loader = iter(trainer.loader(0))
         common.sync(device)
         t0 = time.perf_counter()
-        for i in range(warmup):
-            trainer.train_step(loader)
-            if (i + 1) % args.log_every == 0:
-                read_buffer()
-        read_buffer()
-        common.sync(device)
-        rt.barrier()
+        run_steps(warmup)
         warmup_s = time.perf_counter() - t0
         common.reset_memory(device, collect=False)  # the peak of the timed steps, not of compilation or caching
         skipped0 = trainer.precision.skipped
         rt.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(steps):
-            trainer.train_step(loader)
-            if (i + 1) % args.log_every == 0:
-                read_buffer()
-        read_buffer()
-        common.sync(device)
-        rt.barrier()
+        run_steps(steps)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         timed = losses[-steps:]
         finite = [v for v in timed if math.isfinite(v)]
@@ -127,10 +125,10 @@ def time_trainer(task_name: str, argv: list, steps: int, warmup: int) -> dict:
             **state_bytes(trainer),
         }
     finally:
-        del loader  # stops persistent loader workers
+        loader = None  # stops persistent loader workers
         trainer.close()
         shutil.rmtree(args.output_dir, ignore_errors=True)
-        del trainer
+        trainer = None  # drops the last reference before the collection below
         if args.compile:  # compiled graphs keep the model's memory alive in dynamo's caches
             torch._dynamo.reset()
         gc.collect()

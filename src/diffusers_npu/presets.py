@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 PRESETS = ("tiny", "digits", "sd15", "sd21-base", "sd21", "sdxl-tiny", "sdxl", "sdxl-digits")
-SDXL_PRESETS = ("sdxl-tiny", "sdxl", "sdxl-digits")
 
 # The scheduler settings Stable Diffusion was trained with. DDPMScheduler's defaults (linear betas,
 # clip_sample=True) silently ruin latent-space sampling, so every preset uses these instead.

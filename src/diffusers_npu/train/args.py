@@ -213,6 +213,3 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: the logged-in one)")
     return p
 
-
-#: flags only read by the launcher or by old launchers, never stored in configs or summaries as settings
-LAUNCHER_ONLY = ("local_rank",)

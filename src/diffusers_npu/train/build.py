@@ -22,6 +22,7 @@ def runtime_and_precision(t) -> None:
     from accelerate import PartialState
 
     from .. import device as dev
+    from .engine import is_sharded
     from .precision import Precision
     from .task import Runtime
 
@@ -32,8 +33,7 @@ def runtime_and_precision(t) -> None:
         t.threads_note = dev.configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))[1]
         # Denormal floats (tiny weights late in training) make x86 float maths up to ~100x slower.
         torch.set_flush_denormal(True)
-    sharded = state.num_processes > 1 and (a.distributed == "fsdp" or (a.distributed == "deepspeed" and
-                                                                        a.zero_stage == 3))
+    sharded = is_sharded(state.num_processes, a)
     t.rt = Runtime(device=state.device, rank=state.process_index, world_size=state.num_processes,
                    is_main=state.is_main_process, is_local_main=state.is_local_main_process,
                    barrier=state.wait_for_everyone, sharded=sharded, ledger=t.ledger, preemption=t.preemption)

@@ -166,10 +166,7 @@ class DeviceInfo:
 def device_info(kind: str, world_size: int = 1) -> DeviceInfo:
     from .. import device as dev
 
-    fused = False
-    if kind == "npu":
-        check = getattr(dev, "npu_supports_fusion_attention", None)
-        fused = bool(check()) if callable(check) else True
+    fused = kind == "npu" and dev.npu_supports_fusion_attention()
     return DeviceInfo(kind=kind, supports_bf16=dev.supports_bf16(kind), fusion_attention=fused,
                       world_size=world_size)
 

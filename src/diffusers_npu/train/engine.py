@@ -149,6 +149,7 @@ def no_sync(accelerator, model, skip_sync: bool):
     return accelerator.no_sync(model)
 
 
-def is_sharded(accelerator, args) -> bool:
-    return accelerator.num_processes > 1 and (args.distributed == "fsdp" or
-                                              (args.distributed == "deepspeed" and args.zero_stage == 3))
+def is_sharded(num_processes: int, args) -> bool:
+    """Whether the trained weights are split over the ranks (FSDP, or DeepSpeed ZeRO-3)."""
+    return num_processes > 1 and (args.distributed == "fsdp" or
+                                  (args.distributed == "deepspeed" and args.zero_stage == 3))

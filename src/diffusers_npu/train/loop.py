@@ -222,7 +222,7 @@ class Trainer:
         st.history = self.meter.history
         self.log(rows, fps)
         step = st.global_step
-        preempt = self.preemption.agreed(self.accelerator, self.rt.world_size)
+        preempt = self.any_rank(self.preemption.requested)
         if step % a.checkpointing_steps == 0 or preempt:
             self.checkpointer.save()
         if (a.validation_prompts and a.validation_steps and step % a.validation_steps == 0

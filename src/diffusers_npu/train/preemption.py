@@ -82,12 +82,3 @@ class Preemption:
         if self.signum is not None:
             raise PreemptRequested(signal.Signals(self.signum).name)
         return _kwargs.get("callback_kwargs", {}) if _kwargs else (_args[3] if len(_args) > 3 else {})
-
-    def agreed(self, accelerator, world_size: int) -> bool:
-        """Whether any rank got a signal (a collective: call at the same point on every rank)."""
-        if world_size == 1:
-            return self.requested
-        import torch
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

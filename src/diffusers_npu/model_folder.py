@@ -132,6 +132,39 @@ def base_model_of(folder: str) -> Optional[str]:
     return None
 
 
+#: pipeline class (``_class_name`` of model_index.json) -> model family. A family is what a training script
+#: or an inference task is written for: ``sd`` (SD 1.x / 2.x UNet), ``sdxl`` (UNet + two text encoders),
+#: ``sd3`` (MMDiT transformer, three text encoders), ``flux`` (FLUX.1 transformer, CLIP + T5).
+FAMILY_OF_PIPELINE = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",
+    "StableDiffusion3ControlNetPipeline": "sd3", "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux", "FluxControlNetPipeline": "flux",
+}
+#: the denoiser component that tells the families apart when the class name is unknown
+_FAMILY_BY_COMPONENTS = (("flux", ("transformer", "text_encoder_2"), ("text_encoder_3",)),
+                         ("sd3", ("transformer", "text_encoder_3"), ()),
+                         ("sdxl", ("unet", "text_encoder_2"), ()),
+                         ("sd", ("unet",), ("text_encoder_2",)))
+
+
+def model_family(index: dict) -> Optional[str]:
+    """``sd`` / ``sdxl`` / ``sd3`` / ``flux`` for a pipeline's ``model_index.json`` (None when unknown): by its
+    class name, else by which components it lists."""
+    fam = FAMILY_OF_PIPELINE.get(str(index.get("_class_name", "")))
+    if fam:
+        return fam
+    present = {n for n, v in index.items() if not n.startswith("_") and isinstance(v, (list, tuple))
+               and len(v) == 2 and v[0] is not None}
+    for family, need, absent in _FAMILY_BY_COMPONENTS:
+        if all(n in present for n in need) and not any(n in present for n in absent):
+            return family
+    return None
+
+
 def require_existing(path: str, flag: str, kind: str = "file") -> str:
     if not os.path.exists(path):
         raise InputError(f"{flag}: {path} does not exist (expected a {kind})")
@@ -146,6 +179,7 @@ __all__ = [
     "hub_is_reachable",
     "looks_like_network_error",
     "looks_local",
+    "model_family",
     "read_model_index",
     "require_existing",
 ]

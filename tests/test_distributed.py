@@ -1,7 +1,8 @@
 """Two real processes on CPU (torchrun, gloo, ACCELERATE_USE_CPU=true) through accelerate's engines:
-``ddp`` for every task and ``fsdp`` for text-to-image; both ranks end with identical full weights, a 2-process
-run equals a 1-process run with the same global batch, and a pre-empted 2-process run resumes bit-identically.
-DeepSpeed runs where it is installed. One torchrun per engine runs all its jobs (tests/dist_worker.py)."""
+the matrix {ddp, fsdp, DeepSpeed ZeRO-2, ZeRO-3} x accumulation {1, 2} equals one process with the same global
+batch and really trains, with the engine asked for being the one that ran; every task runs under ddp and fsdp;
+a pre-empted 2-process run resumes bit-identically; a NaN on one rank is skipped by every rank alike.
+One torchrun launch runs many jobs (tests/dist_worker.py)."""
 import json
 import os
 import re
@@ -28,10 +29,13 @@ def _torchrun(tmp_path, jobs, port):
     r = run_subprocess(["python", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                         WORKER, str(spec)], timeout=1500, ACCELERATE_USE_CPU="true")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    results = {}
-    for name, rank, rc, checksum in re.findall(r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+)$", r.stdout, re.M):
+    results, engines = {}, {}
+    for name, rank, rc, checksum, engine, module in re.findall(
+            r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+) engine (\S+) module (\S+)$", r.stdout, re.M):
         results.setdefault(name, {})[int(rank)] = (int(rc), float(checksum))
+        engines.setdefault(name, set()).add((engine, module))
     assert set(results) == {j["name"] for j in jobs}, r.stdout[-3000:]
+    _torchrun.engines = engines
     return results, r.stdout
 
 
@@ -43,11 +47,18 @@ RESUMABLE = ["--per_sample_noise", "--use_ema", "--ema_decay", "0.9", "--lr_sche
              "--resume_from_checkpoint", "latest"]
 
 
-def _assert_ranks_agree(results):
+def _assert_ranks_agree(results, sharded=()):
+    """Per rank, the float64 sum of what the rank itself holds (no collective): replicas (DDP, ZeRO-2) must be
+    equal; under FSDP / ZeRO-3 each rank holds a different shard, checked against the saved model instead."""
     for name, ranks in results.items():
         (rc0, c0), (rc1, c1) = ranks[0], ranks[1]
         assert rc0 == rc1 == 0, (name, ranks)
-        assert c0 == c1, f"{name}: ranks hold different weights ({c0} vs {c1})"
+        if name not in sharded:
+            assert c0 == c1, f"{name}: ranks hold different weights ({c0} vs {c1})"
+
+
+def _saved_sum(out) -> float:
+    return float(sum(v.double().sum() for v in weights(out).values()))
 
 
 def _update(out, base):
@@ -55,59 +66,105 @@ def _update(out, base):
     return torch.cat([(a[k] - b[k]).flatten() for k in b])
 
 
+MATRIX = {"ddp": ["--distributed", "ddp"], "fsdp": ["--distributed", "fsdp"],
+          "zero2": ["--distributed", "deepspeed", "--zero_stage", "2"],
+          "zero3": ["--distributed", "deepspeed", "--zero_stage", "3"]}
+#: the class of the prepared module per engine (FSDP2 generates "FSDP<module class>")
+MODULE = {"ddp": "DistributedDataParallel", "fsdp": "FSDP", "zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine"}
+
+
+def _ran(engines, name, engine):
+    """The job trained under ``engine``: Engine.running() read from the module, and the module's class."""
+    (running, module), = engines[name]
+    return running == engine and module.startswith(MODULE[engine])
+
+
+@pytest.mark.slow
+def test_engine_matrix_matches_one_process(tmp_path, embedded_paths):
+    """{ddp, fsdp, ZeRO-2, ZeRO-3} x accumulation {1, 2} on 2 processes, global batch 4 (2 x 2 x 1 or 2 x 1 x 2),
+    one optimizer step: the saved update equals one process with batch 4 within 0.1% of the largest update,
+    the model changed, the engine that trained is the one asked for (DeepSpeed's engine, not DDP), and what
+    each rank holds adds up to the saved model. Plus: a NaN loss on rank 1 only under --max_bad_steps is
+    skipped by both ranks (the launch would hang, and time out, if they disagreed)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by .ci/run (the deepspeed extra)")
+    jobs = []
+    for engine, flags in MATRIX.items():
+        for accum in (1, 2):
+            jobs.append(_job(f"{engine}-a{accum}", "text_to_image", tmp_path / f"{engine}-a{accum}", 1, *COMPARE,
+                             *flags, "--gradient_accumulation_steps", accum, batch=2 // accum))
+    jobs.append(_job("nan", "text_to_image", tmp_path / "nan", 2, "--max_bad_steps", 1, "--distributed", "ddp",
+                     nan_at=1, nan_rank=1))
+    results, _ = _torchrun(tmp_path, jobs, 29614)
+    engines = _torchrun.engines
+    _assert_ranks_agree(results, sharded={n for n in results if n.startswith(("fsdp", "zero3"))})
+    one = tmp_path / "one"
+    train("text_to_image", one, *COMPARE, steps=1, batch=4)
+    d1 = _update(one, embedded_paths["model"])
+    assert d1.abs().max() > 0
+    for job in jobs[:-1]:
+        name, engine = job["name"], job["name"].split("-")[0]
+        out = tmp_path / name
+        assert _ran(engines, name, engine), (name, engines[name])
+        summary = json.load(open(out / "train_summary.json"))
+        assert (summary["world_size"], summary["global_batch"], summary["engine"], summary["steps"]) == \
+            (2, 4, engine, 1), name
+        d2 = _update(out, embedded_paths["model"])
+        assert d2.abs().max() > 0, f"{name}: the saved model is the base model (nothing trained)"
+        err = float((d2 - d1).abs().max() / d1.abs().max())
+        assert err <= 1e-3, f"{name}: update differs from one process by {err:.2e} of the largest update"
+        # what the ranks hold (whole replicas, or shards that add up) is what was saved
+        (_, c0), (_, c1) = results[name][0], results[name][1]
+        held = c0 if engine in ("ddp", "zero2") else c0 + c1
+        assert held == pytest.approx(_saved_sum(out), rel=1e-9, abs=1e-6), name
+    nan = json.load(open(tmp_path / "nan" / "train_summary.json"))
+    assert (nan["steps"], nan["bad_steps_skipped"]) == (2, 1)  # both ranks skipped step 1, applied step 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, port", [("ddp", 29611), ("fsdp", 29612)])
-def test_two_processes_match_one_and_resume_exactly(tmp_path, embedded_paths, engine, port):
+def test_every_task_two_processes_and_resume_exactly(tmp_path, embedded_paths, engine, port):
     dist = ["--distributed", engine]
-    jobs = [_job("compare", "text_to_image", tmp_path / "two", 2, *COMPARE, *dist),
-            _job("straight", "text_to_image", tmp_path / "straight", 4, *RESUMABLE, *dist),
+    jobs = [_job("straight", "text_to_image", tmp_path / "straight", 4, *RESUMABLE, *dist),
             _job("preempted", "text_to_image", tmp_path / "split", 4, *RESUMABLE, *dist, sigterm_at=2),
-            _job("resumed", "text_to_image", tmp_path / "split", 4, *RESUMABLE, *dist)]
-    if engine == "ddp":  # every task runs two processes under DDP
-        jobs += [_job("dreambooth", "dreambooth", tmp_path / "db", 2, *dist, batch=1),
-                 _job("textual_inversion", "textual_inversion", tmp_path / "ti", 2, *dist),
-                 _job("controlnet", "controlnet", tmp_path / "cn", 2, *dist),
-                 _job("lora", "text_to_image", tmp_path / "lora", 2, "--use_lora", *dist)]
+            _job("resumed", "text_to_image", tmp_path / "split", 4, *RESUMABLE, *dist),
+            _job("dreambooth", "dreambooth", tmp_path / "db", 2, *dist, batch=1),
+            _job("textual_inversion", "textual_inversion", tmp_path / "ti", 2, *dist),
+            _job("controlnet", "controlnet", tmp_path / "cn", 2, *dist),
+            _job("lora", "text_to_image", tmp_path / "lora", 2, "--use_lora", *dist)]
     results, stdout = _torchrun(tmp_path, jobs, port)
-    _assert_ranks_agree(results)
-    summary = json.load(open(tmp_path / "two" / "train_summary.json"))
+    # under FSDP every job's module is sharded (LoRA's too: the frozen base weights are in the module)
+    _assert_ranks_agree({k: v for k, v in results.items() if k != "preempted"},
+                        sharded=set(results) if engine == "fsdp" else ())
+    assert all(_ran(_torchrun.engines, name, engine) for name in results), _torchrun.engines
+    assert stdout.count("step 2/2 step_loss=") == 4  # only the main process logs
+    summary = json.load(open(tmp_path / "straight" / "train_summary.json"))
     assert (summary["world_size"], summary["global_batch"], summary["distributed"]) == (2, 4, engine)
-    two_step_jobs = sum(1 for j in jobs if j["args"][j["args"].index("--max_train_steps") + 1] == "2")
-    assert stdout.count("step 2/2 step_loss=") == two_step_jobs  # only the main process logs
     # the pre-empted run saved at its flush and stopped; the rerun resumed to the same bits
     split = json.load(open(tmp_path / "split" / "train_summary.json"))
     assert [p["exit_reason"] for p in split["parts"]] == ["preempted", "completed"]
     assert split["parts"][0]["last_step"] == 2
     assert same_weights(weights(tmp_path / "split"), weights(tmp_path / "straight"))
-    # against one process with the same global batch
-    one = tmp_path / "one"
-    train("text_to_image", one, *COMPARE, steps=2, batch=4)
-    d2, d1 = _update(tmp_path / "two", embedded_paths["model"]), _update(one, embedded_paths["model"])
-    assert d1.abs().max() > 0
-    assert (d2 - d1).abs().max() <= 1e-3 * d1.abs().max()  # stated tolerance: 0.1% of the largest update
+    base = weights(embedded_paths["model"])
+    assert not same_weights(weights(tmp_path / "straight"), base)
     ck = tmp_path / "split" / "checkpoint-2"  # written by both ranks at the pre-emption
+    assert os.path.isdir(ck / "optimizer")  # optimizer state through torch.distributed.checkpoint
     if engine == "fsdp":
         index = ck / "unet" / "diffusion_pytorch_model.safetensors.index.json"
         owners = set(json.load(open(index))["weight_map"].values())
         assert len(owners) == 2  # each rank wrote the tensors it owns; nothing was gathered on one rank
-        assert os.path.isdir(ck / "optimizer")  # sharded optimizer state (torch.distributed.checkpoint)
         from diffusers import UNet2DConditionModel
 
         loaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "split"), subfolder="checkpoint-2/unet")
-        assert sum(p.numel() for p in loaded.parameters()) == sum(v.numel() for v in weights(tmp_path / "two").values())
+        assert sum(p.numel() for p in loaded.parameters()) == sum(v.numel() for v in base.values())
     else:
-        assert sorted(os.listdir(ck)) == sorted(["COMPLETE", "lr_scheduler.pt", "optimizer.pt", "precision.pt",
+        assert sorted(os.listdir(ck)) == sorted(["COMPLETE", "lr_scheduler.pt", "optimizer", "precision.pt",
                                                  "rng_0.pt", "rng_1.pt", "train_state.json", "unet", "unet_ema"])
+    # every task trained: its saved output differs from where it started
+    from safetensors.torch import load_file
 
-
-def test_deepspeed_runs_where_installed(tmp_path):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install diffusers-npu[deepspeed]); "
-                                            "not installed here")
-    if not torch.cuda.is_available():
-        pytest.skip("DeepSpeed's ZeRO needs an accelerator backend (nccl/hccl); this machine has none")
-    results, _ = _torchrun(tmp_path, [_job("zero2", "text_to_image", tmp_path / "z2", 2, "--distributed",
-                                           "deepspeed", "--zero_stage", "2")], 29613)
-    _assert_ranks_agree(results)
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+    assert not same_weights(weights(tmp_path / "db"), base)
 
 
 def test_deepspeed_missing_is_a_clear_error(tmp_path, monkeypatch):

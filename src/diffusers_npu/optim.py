@@ -200,8 +200,12 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     grad_scaling: bool = False,
+    engine: str = "none",
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups).
+
+    ``engine`` is the training engine that will step it (``none|ddp|fsdp|zero2|zero3``, from
+    :class:`~diffusers_npu.train.engine.Engine`); it does not change the choice yet.
 
     ``grad_scaling=True`` (an fp16 GradScaler will step it): on CUDA / CPU choose implementations that
     take the scaler's ``grad_scale`` / ``found_inf`` on the device (:func:`supports_sync_free_amp`), so

@@ -107,7 +107,7 @@ def time_trainer(task_name: str, argv: list, steps: int, warmup: int) -> dict:
             "task": task_cls.name,
             "rank": rt.rank,
             "world_size": world,
-            "distributed": args.distributed,
+            "distributed": trainer.engine.distributed,
             "precision": precision_label(args.mixed_precision, trainer.precision.scaler is not None),
             "images_per_sec": world * images_per_step * steps / wall,
             "images_per_sec_per_device": images_per_step * steps / wall,

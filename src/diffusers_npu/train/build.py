@@ -18,11 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def runtime_and_precision(t) -> None:
-    """Device settings, threads, seeds, the Runtime the task sees, and the precision policy."""
+    """Device settings, threads, the engine, the Runtime the task sees, the precision policy, and the model seed."""
     from accelerate import PartialState
 
     from .. import device as dev
-    from .engine import is_sharded
+    from .engine import Engine
     from .precision import Precision
     from .task import Runtime
 
@@ -33,16 +33,26 @@ def runtime_and_precision(t) -> None:
         t.threads_note = dev.configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))[1]
         # Denormal floats (tiny weights late in training) make x86 float maths up to ~100x slower.
         torch.set_flush_denormal(True)
-    sharded = is_sharded(state.num_processes, a)
+    t.engine = Engine.from_args(a, state.num_processes, state.process_index)
+    t.engine.check_args(a)
     t.rt = Runtime(device=state.device, rank=state.process_index, world_size=state.num_processes,
                    is_main=state.is_main_process, is_local_main=state.is_local_main_process,
-                   barrier=state.wait_for_everyone, sharded=sharded, ledger=t.ledger, preemption=t.preemption)
-    t.deepspeed = state.num_processes > 1 and a.distributed == "deepspeed"
-    t.precision = Precision(a.mixed_precision, state.device, sharded=a.distributed == "fsdp" and sharded,
-                            engine_owns_scaling=t.deepspeed, max_consecutive=a.max_consecutive_overflows)
+                   barrier=state.wait_for_everyone, sharded=t.engine.is_sharded, ledger=t.ledger,
+                   preemption=t.preemption)
+    t.precision = Precision(a.mixed_precision, state.device, sharded=t.engine.kind == "fsdp",
+                            engine_owns_scaling=t.engine.owns_precision, max_consecutive=a.max_consecutive_overflows)
     t.rt.weight_dtype = t.precision.weight_dtype
-    # Noise differs per rank (each rank draws for its own samples); data order depends on --seed alone.
-    dev.seed_everything(a.seed + t.rt.rank)
+    # The same seed on every rank while the models are built (LoRA's initial weights, new embedding rows):
+    # they must not depend on the rank or the world size. seed_per_rank() follows once they exist.
+    dev.seed_everything(a.seed)
+
+
+def seed_per_rank(t) -> None:
+    """After the models are built: each rank draws its own noise for its own samples (data order depends on
+    --seed alone; with --per_sample_noise the noise of a sample too)."""
+    from .. import device as dev
+
+    dev.seed_everything(t.args.seed + t.rt.rank)
 
 
 def module_and_speed(t) -> torch.nn.Module:
@@ -127,7 +137,7 @@ def optimizer_and_schedule(t, module) -> None:
     try:
         t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
                                       eps=a.adam_epsilon, weight_decay=a.adam_weight_decay,
-                                      grad_scaling=t.precision.scaler is not None)
+                                      grad_scaling=t.precision.scaler is not None, engine=t.engine.kind)
     except ImportError as e:  # adamw_8bit without bitsandbytes
         flag = "--use_8bit_adam" if a.use_8bit_adam else f"--optimizer {a.optimizer}"
         raise UsageError(f"{flag}: {e}") from None
@@ -140,21 +150,12 @@ def optimizer_and_schedule(t, module) -> None:
 
 
 def engine(t, module) -> None:
-    """``accelerator.prepare``: DDP / FSDP / DeepSpeed wrap the module (one process: nothing to wrap)."""
-    from .engine import make_accelerator
-
-    a, rt = t.args, t.rt
-    t.accelerator = make_accelerator(a, module, a.device, rt.world_size)
-    if rt.world_size == 1:
-        t.model = module.to(rt.device)
-    elif t.deepspeed:
-        t.model, t.optimizer, t.lr_scheduler = t.accelerator.prepare(module, t.optimizer, t.lr_scheduler)
-    else:
-        # The raw optimizer stays ours: precision (autocast, GradScaler) is done by the Trainer, and under
-        # FSDP accelerate swaps the optimizer's parameters for their shards in place.
-        t.model, _ = t.accelerator.prepare(module, t.optimizer)
-    t.params = [p for p in t.accelerator.unwrap_model(t.model).parameters() if p.requires_grad] \
-        if not t.deepspeed else [p for p in t.model.parameters() if p.requires_grad]
+    """The engine wraps the module (``accelerator.prepare``; one process: moved to the device)."""
+    e = t.engine
+    t.accelerator = e.make_accelerator(t.args, module)
+    t.model = e.prepare(module, t.optimizer)
+    t.optimizer = e.optimizer
+    t.params = e.trainable_parameters()
 
 
 def ema(t) -> None:

@@ -5,16 +5,21 @@
 ``learned_embeds.safetensors``; written by the task) next to what an exact resume needs:
 
     train_state.json      step, data position, counters, loss history, the run's fingerprint
-    optimizer.pt          optimizer state (one process / DDP)
-    optimizer/            sharded optimizer state, one file per rank (FSDP, torch.distributed.checkpoint)
+    optimizer/            optimizer state through torch.distributed.checkpoint (one process, DDP, FSDP): keyed
+                          by parameter name, each rank writes what it owns; resharded on load
     deepspeed/            the DeepSpeed engine's own checkpoint (ZeRO shards)
+    optimizer.pt          (earlier versions: one process / DDP)
     lr_scheduler.pt, precision.pt (GradScaler), rng_<rank>.pt
 
 It is written through the crash-safe protocol of :mod:`diffusers_npu.checkpoint` (temp folder, fsync,
 COMPLETE marker, rename). Before the marker is written every rank checks on its device that the trained
 weights and the optimizer state are finite (one host sync per save): a checkpoint of poisoned weights is
 never committed. Resume reads this layout and the one of earlier versions (``unet.safetensors``,
-``ema.pt``), and refuses a run whose batch, resolution, seed, data or world size changed.
+``ema.pt``), and refuses a run whose global batch, resolution, seed or data changed. A different number of
+processes (or DDP <-> FSDP) is resumed when the global batch (``--train_batch_size`` x processes, and the
+accumulation) is unchanged: weights are read back shard-aware and the optimizer state is resharded by
+torch.distributed.checkpoint; only the per-rank RNG streams start afresh. DeepSpeed checkpoints resume
+only under DeepSpeed with the same number of processes.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from ..fsutil import is_disk_full, write_json_atomic
 logger = logging.getLogger(__name__)
 
 #: flags whose change makes an exact resume impossible (the data a step sees would differ)
-FINGERPRINT_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "resolution", "seed", "max_train_samples",
+FINGERPRINT_FLAGS = ("gradient_accumulation_steps", "resolution", "seed", "max_train_samples",
                      "aspect_ratio_buckets", "center_crop", "random_flip", "cache_latents")
 
 
@@ -63,10 +68,11 @@ class TrainState:
             self.precision = {"skipped": d["overflow_steps"]}
 
 
-def fingerprint(args, world_size: int, num_samples: int) -> dict:
+def fingerprint(args, world_size: int, num_samples: int, engine: str = "none") -> dict:
     fp = {k: getattr(args, k, None) for k in FINGERPRINT_FLAGS}
-    fp.update(world_size=world_size, num_samples=num_samples, learning_rate=args.learning_rate,
-              task=getattr(args, "task_name", None))
+    fp.update(train_batch_size=args.train_batch_size, world_size=world_size,
+              global_micro_batch=args.train_batch_size * world_size, engine=engine, num_samples=num_samples,
+              learning_rate=args.learning_rate, task=getattr(args, "task_name", None))
     return fp
 
 
@@ -146,25 +152,13 @@ class Checkpointer:
         ema_state = t.ema.state_for_save() if t.ema is not None else None
         t.task.save_trained(tmp, ema_state=ema_state)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_{rt.rank}.pt"))
-        if t.deepspeed:
-            t.model.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
-        elif rt.sharded:
-            self._save_sharded_optimizer(os.path.join(tmp, "optimizer"))
-        elif rt.is_main:
-            torch.save(t.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        t.engine.save_optimizer(tmp, rt.is_main)
         if rt.is_main:
             torch.save(t.lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
             torch.save(t.precision.state_dict(), os.path.join(tmp, "precision.pt"))
             t.state.ema_steps = t.ema.step_count if t.ema is not None else 0
             t.state.precision = {"skipped": t.precision.skipped, "consecutive": t.precision.consecutive}
             write_json_atomic(os.path.join(tmp, "train_state.json"), t.state.state_dict())
-
-    def _save_sharded_optimizer(self, folder: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        osd = get_optimizer_state_dict(self.t.model, self.t.optimizer)
-        dcp.save({"optimizer": osd}, checkpoint_id=folder)
 
     def _check_finite(self, final: str) -> None:
         """Refuse to commit non-finite trained weights or optimizer state (checked on the device)."""
@@ -202,12 +196,7 @@ class Checkpointer:
             if ema is None:
                 raise CheckpointError(f"--resume_from_checkpoint: {path} has no EMA weights but --use_ema is on")
             t.ema.load(ema, saved.get("ema_steps") or saved.get("ema_optimization_step") or 0)
-        if t.deepspeed:
-            t.model.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
-        elif t.rt.sharded:
-            self._load_sharded_optimizer(os.path.join(path, "optimizer"))
-        else:
-            t.optimizer.load_state_dict(_load(os.path.join(path, "optimizer.pt"), "optimizer state"))
+        t.engine.load_optimizer(path)
         t.lr_scheduler.load_state_dict(_load(os.path.join(path, "lr_scheduler.pt"), "scheduler state"))
         self._apply_learning_rate(saved.get("fingerprint") or {})
         prec = os.path.join(path, "precision.pt")
@@ -218,21 +207,16 @@ class Checkpointer:
             t.precision.scaler.load_state_dict(_load(old_scaler, "scaler state"))
         t.state.load_state_dict(saved)
         t.state.fingerprint = self.current_fingerprint()
-        rng_file = os.path.join(path, f"rng_{t.rt.rank}.pt")
         logger.info("resumed from %s at step %d", path, t.state.global_step)
+        rng_file = os.path.join(path, f"rng_{t.rt.rank}.pt")
+        if (saved.get("fingerprint") or {}).get("world_size", t.rt.world_size) != t.rt.world_size:
+            # Another world size: rank r's stream is not the one rank r had; start each rank's afresh from
+            # (seed, rank, step). Exact only for what does not depend on it (--per_sample_noise noise, the data).
+            from ..device import seed_everything
+
+            seed_everything(t.args.seed + t.rt.rank + 1_000_003 * t.state.global_step)
+            return None
         return torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.isfile(rng_file) else None
-
-    def _load_sharded_optimizer(self, folder: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"--resume_from_checkpoint: {os.path.dirname(folder)} has no sharded optimizer "
-                                  f"state (optimizer/); was it written with another --distributed mode?")
-        osd = get_optimizer_state_dict(self.t.model, self.t.optimizer)
-        holder = {"optimizer": osd}
-        dcp.load(holder, checkpoint_id=folder)
-        set_optimizer_state_dict(self.t.model, self.t.optimizer, holder["optimizer"])
 
     def _old_ema(self, path: str) -> Optional[dict]:
         """EMA state of earlier versions (diffusers EMAModel.state_dict in ema.pt)."""
@@ -249,20 +233,45 @@ class Checkpointer:
 
     def current_fingerprint(self) -> dict:
         t = self.t
-        return fingerprint(t.args, t.rt.world_size, len(t.dataset))
+        return fingerprint(t.args, t.rt.world_size, len(t.dataset), t.engine.kind)
 
     def _check_fingerprint(self, path: str, saved: dict) -> None:
         now = self.current_fingerprint()
+        if "global_micro_batch" not in saved and "train_batch_size" in saved and "world_size" in saved:
+            saved = dict(saved, global_micro_batch=saved["train_batch_size"] * saved["world_size"])  # older
+        # The samples of global micro-batch k depend on (seed, k) alone (data/sampling.py), so only the global
+        # micro-batch must match; the per-rank batch and the number of processes may change with it.
+        world_changed = saved.get("world_size", now["world_size"]) != now["world_size"]
+        old_engine = saved.get("engine")
+        if old_engine in ("zero2", "zero3") or now["engine"] in ("zero2", "zero3"):
+            if old_engine != now["engine"] or world_changed:
+                raise CheckpointError(
+                    f"--resume_from_checkpoint: {path} was written by engine {old_engine or 'none/ddp/fsdp'} on "
+                    f"{saved.get('world_size')} process(es); this run is {now['engine']} on {now['world_size']}. "
+                    f"DeepSpeed checkpoints resume only under the same --zero_stage and number of processes (and "
+                    f"other engines' checkpoints not under DeepSpeed): use those, or start a new --output_dir")
         for key, old in saved.items():
-            if key == "learning_rate" or key not in now:
+            if key in ("learning_rate", "train_batch_size", "world_size", "engine") or key not in now:
                 continue
             if now[key] != old:
-                flag = {"world_size": "the number of processes", "num_samples": "the number of training samples",
-                        "task": "the task"}.get(key, f"--{key}")
+                if key == "global_micro_batch":
+                    per_rank, rem = divmod(old, now["world_size"])
+                    fix = (f"use --train_batch_size {per_rank} with {now['world_size']} processes" if not rem else
+                           f"use a number of processes that divides {old}")
+                    raise CheckpointError(
+                        f"--resume_from_checkpoint: {path} was written with a global batch of {old} per micro-step "
+                        f"(--train_batch_size {saved.get('train_batch_size')} x {saved.get('world_size')} "
+                        f"processes); this run has {now[key]} (--train_batch_size {now['train_batch_size']} x "
+                        f"{now['world_size']}). Keep the global batch: {fix}, or start a new --output_dir")
+                flag = {"num_samples": "the number of training samples", "task": "the task"}.get(key, f"--{key}")
                 raise CheckpointError(
                     f"--resume_from_checkpoint: {path} was written with {flag} = {old!r}, this run has {now[key]!r}; "
                     f"resuming would change which samples each step sees. Use the same value, or start a new "
                     f"--output_dir")
+        if world_changed:
+            logger.warning("resuming %s (written by %s process(es)) on %s: the weights and optimizer state are "
+                           "resharded; each rank's random stream starts afresh", path, saved.get("world_size"),
+                           now["world_size"])
 
     def _apply_learning_rate(self, saved: dict) -> None:
         """Documented rule: a --learning_rate different from the checkpoint's replaces the schedule's base

@@ -5,9 +5,9 @@ Read :meth:`Trainer.run` top to bottom: set up (build.py), resume, then :meth:`T
 final save, learning check, summary).
 
 A step gathers ``--gradient_accumulation_steps`` micro-batches; each runs the task module's forward under
-autocast and its backward (under DDP the gradient all-reduce overlaps the backward of the last micro-batch,
-``no_sync`` skips it on the others), then unscale, clip, step, schedule, EMA. Nothing in a step waits for
-the device: losses, the gradient norm and the fp16 scale stay device tensors until the flush, which reads
+autocast and the engine's backward (engine.py: accelerate's gradient state decides which micro-batch syncs,
+for DDP, FSDP and DeepSpeed alike), then the engine unscales, clips and steps, then the schedule and EMA
+advance once. Nothing in a step waits for the device: losses, the gradient norm and the fp16 scale stay device tensors until the flush, which reads
 them in one transfer, agrees on pre-emption across ranks, and saves checkpoints and validation grids.
 """
 from __future__ import annotations
@@ -21,9 +21,7 @@ import torch
 
 from ..errors import LearningCheckFailed, TrainingError, UsageError
 from ..metrics import LossBuffer, ThroughputMeter, step_line
-from ..optim import clip_grad_norm, zero_grad
 from . import build, evaluation
-from .engine import no_sync
 from .checkpointing import Checkpointer, TrainState, set_rng_state
 from .outputs import OutputLedger
 from .preemption import Preemption, PreemptRequested
@@ -45,7 +43,7 @@ class Trainer:
         self.rt = None              # Runtime: device, rank, world size, dtype the task sees
         self.task = None            # the Task instance
         self.precision = None       # autocast + GradScaler + overflow counting
-        self.deepspeed = False      # DeepSpeed owns backward/step/precision
+        self.engine = None          # engine.Engine: none / ddp / fsdp / zero2 / zero3, chosen once
         self.accelerator = None
         self.model = None           # the task module, wrapped by the engine (DDP/FSDP/DeepSpeed) when > 1 process
         self.optimizer = None
@@ -101,6 +99,7 @@ class Trainer:
         build.optimizer_and_schedule(self, module)
         build.engine(self, module)
         build.ema(self)
+        build.seed_per_rank(self)
         from ..checkpoint import resolve_resume
 
         rng = None
@@ -142,33 +141,32 @@ class Trainer:
         return "completed"
 
     def train_step(self, loader) -> None:
-        """One optimizer step over --gradient_accumulation_steps micro-batches. No host synchronisation."""
-        a, st = self.args, self.state
+        """One optimizer step over --gradient_accumulation_steps micro-batches. No host synchronisation (but
+        one per step with --max_bad_steps)."""
+        a, st, engine = self.args, self.state, self.engine
         accum = a.gradient_accumulation_steps
         step_loss = None
         metrics = {}
-        for micro in range(accum):
+        for _ in range(accum):
             t0 = time.perf_counter()
             batch = next(loader)
             self._data_seconds += time.perf_counter() - t0
             st.position += 1
             st.bad_images += batch.get("bad", 0)
-            with no_sync(self.accelerator, self.model, skip_sync=micro < accum - 1):
+            with engine.accumulate():
                 with self.precision.autocast():
                     loss, extra = self.model(batch)
-                self.precision.backward(loss / accum, self.accelerator)
+                engine.backward(loss, self.precision)
             step_loss = loss.detach() / accum if step_loss is None else step_loss + loss.detach() / accum
             for k, v in extra.items():
                 metrics[k] = v.detach() / accum if k not in metrics else metrics[k] + v.detach() / accum
-        if a.max_bad_steps and self.precision.scaler is None and not torch.isfinite(step_loss).item():
-            self.skip_bad_step()  # opt-in: costs one host sync per step
+        if a.max_bad_steps and self.precision.scaler is None and \
+                engine.any_rank(~torch.isfinite(step_loss), self.rt.device):
+            self.skip_bad_step()  # opt-in: costs one host sync per step; every rank takes the same branch
             return
-        if not self.deepspeed:
-            if a.max_grad_norm:
-                self.precision.unscale_(self.optimizer)
-                metrics["grad_norm"] = clip_grad_norm(self.optimizer, self.params, a.max_grad_norm)
-            self.precision.step(self.optimizer)
-            zero_grad(self.optimizer, set_to_none=a.set_grads_to_none)
+        norm = engine.clip_and_step(self.precision, a.max_grad_norm, set_to_none=a.set_grads_to_none)
+        if norm is not None:
+            metrics["grad_norm"] = norm
         self.lr_scheduler.step()
         st.global_step += 1
         self.task.after_optimizer_step(st.global_step)
@@ -181,8 +179,8 @@ class Trainer:
     def skip_bad_step(self) -> None:
         a, st = self.args, self.state
         st.bad_steps += 1
-        zero_grad(self.optimizer, set_to_none=True)
-        logger.warning("step %d: non-finite loss, update skipped (%d/%d)", st.global_step + 1, st.bad_steps,
+        self.engine.skip_step()
+        logger.warning("step %d: non-finite loss on at least one rank, update skipped on all (%d/%d)", st.global_step + 1, st.bad_steps,
                        a.max_bad_steps)
         if st.bad_steps > a.max_bad_steps:
             raise TrainingError(f"more than --max_bad_steps={a.max_bad_steps} steps had a non-finite loss (last at "
@@ -211,7 +209,7 @@ class Trainer:
         first = self.losses.steps[0] if self.losses.steps else st.global_step
         rows = self.read_buffer()
         wall = time.perf_counter() - self._interval_start
-        if self.precision.scaler is None and not self.deepspeed:
+        if self.precision.scaler is None and not self.engine.owns_precision:
             for r in rows:
                 if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf"):
                     raise TrainingError(
@@ -299,10 +297,7 @@ class Trainer:
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (a collective: every rank calls it at the same point)."""
-        if self.rt.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
-        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+        return self.engine.any_rank(flag, self.rt.device)
 
     def save_final(self) -> dict:
         """The task's final output, written into a temp folder and installed into --output_dir."""
@@ -341,6 +336,8 @@ class Trainer:
         if self.accelerator is not None:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+        if self.engine is not None:
+            self.engine.close()
 
     def loader(self, start_position: int):
         from ..data.dataset import collate

@@ -3,7 +3,7 @@
 Done here rather than by accelerate because accelerate's CPU path silently ignores fp16: this way the same
 GradScaler behaviour (skip on overflow, unscale before clipping) runs on every device, tests included. The
 scaler comes from the device layer (torch_npu's own on NPU, torch's ShardedGradScaler under FSDP). Under
-DeepSpeed the engine owns precision and loss scaling, and this class only autocasts nothing.
+DeepSpeed the engine owns precision and loss scaling, and this class neither autocasts nor scales.
 
 No host synchronisation per step: after each step the scale is recorded as a device tensor; at a flush
 (:meth:`flush`) the recorded scales are read once. A step was skipped exactly when the scale went down.
@@ -48,13 +48,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def backward(self, loss: torch.Tensor, accelerator=None) -> None:
-        if self.engine_owns_scaling:
-            accelerator.backward(loss)  # DeepSpeed scales and steps inside its engine
-        elif self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: multiplied by the fp16 loss scale when a GradScaler is in use."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def unscale_(self, optimizer) -> None:
         """Unscale the gradients (before clipping); a no-op without a scaler."""

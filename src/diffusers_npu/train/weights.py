@@ -1,14 +1,20 @@
 """Model weights in and out of diffusers format, whatever engine holds them.
 
-Under DDP (or one process) every rank holds whole tensors: the main process writes. Under FSDP2 every
-parameter is a ``DTensor`` sharded on dim 0, and nothing here gathers the whole model on one rank:
+Under DDP, ZeRO-2 (or one process) every rank holds whole tensors: the main process writes. Under FSDP2 every
+parameter is a ``DTensor`` sharded on dim 0; under DeepSpeed ZeRO-3 a parameter is a size-0 placeholder whose
+partition lives in ``param.ds_tensor``. For both, nothing here gathers the whole model on one rank:
 
 * :func:`save_pretrained` writes diffusers' *sharded* layout (``diffusion_pytorch_model-0000r-of-0000W``
   files plus ``diffusion_pytorch_model.safetensors.index.json``): tensor ``i`` belongs to rank ``i % W``;
-  every rank joins the all-gather of each tensor (one full tensor in memory at a time) and keeps only the
-  tensors it owns, which it then writes. ``from_pretrained`` reads the result like any sharded checkpoint.
+  the tensors are gathered one at a time (FSDP: ``DTensor.full_tensor``; ZeRO-3: DeepSpeed's public
+  ``deepspeed.zero.GatheredParameters`` on that one parameter), so a rank holds its own tensors plus at most
+  one more, and each rank writes the tensors it owns. ``from_pretrained`` reads the result like any sharded
+  checkpoint.
 * :func:`load_pretrained` reads a single-file or sharded diffusers folder tensor by tensor and copies each
-  rank's own slice (``torch.chunk`` along dim 0, FSDP2's sharding) into the local shard.
+  rank's own slice (``torch.chunk`` along dim 0, FSDP2's sharding) into the local shard (ZeRO-3: rank 0
+  writes the gathered parameter and DeepSpeed re-partitions it).
+* :func:`full_copy` (the final pipeline of some tasks) does gather: one tensor at a time, kept on the main
+  process only, which then holds one whole copy of the trained model on its CPU.
 
 All functions must be called on EVERY rank when the model is sharded (they contain collectives).
 """
@@ -30,8 +36,30 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def _is_zero3(p) -> bool:
+    return hasattr(p, "ds_tensor")  # DeepSpeed ZeRO-3 partitioned parameter
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
-    return any(_is_dtensor(p) for p in module.parameters())
+    return any(_is_dtensor(p) or _is_zero3(p) for p in module.parameters())
+
+
+def zero3_params(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """State-dict name -> ZeRO-3 parameter (whose state-dict entry is an empty placeholder)."""
+    return {n: p for n, p in module.named_parameters() if _is_zero3(p)}
+
+
+def whole(name: str, t: torch.Tensor, zero3: Dict[str, torch.nn.Parameter]) -> torch.Tensor:
+    """The whole value of state entry ``name`` (collective when sharded: every rank calls it, same order)."""
+    if _is_dtensor(t):
+        return t.full_tensor()
+    p = zero3.get(name)
+    if p is None:
+        return t
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.data.detach().clone()
 
 
 def _dist():
@@ -55,11 +83,12 @@ def gathered_state_dict(module: torch.nn.Module, only: Optional[Iterable[str]] =
     """Whole tensors on the CPU of every rank (collective under FSDP). For small state (LoRA adapters,
     embedding rows); use :func:`save_pretrained` for whole models."""
     keep = set(only) if only is not None else None
+    zero3 = zero3_params(module)
     out = {}
     for name, t in module.state_dict().items():
         if keep is not None and name not in keep:
             continue
-        out[name] = full_tensor(t).detach().cpu().clone()
+        out[name] = whole(name, t, zero3).detach().cpu().clone()
     return out
 
 
@@ -100,7 +129,8 @@ def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str,
     transformers model folder. Collective when sharded; otherwise only the main process writes."""
     weights_name = weights_name or weights_name_for(model)
     sd = state if state is not None else model.state_dict()
-    sharded = any(_is_dtensor(v) for v in sd.values())
+    zero3 = zero3_params(model) if state is None else {}
+    sharded = bool(zero3) or any(_is_dtensor(v) for v in sd.values())
     if not sharded:
         if is_main and state is None and not hasattr(model, "save_config"):
             model.save_pretrained(folder, safe_serialization=True)  # transformers: its own key layout
@@ -115,13 +145,13 @@ def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str,
     files = [f"{stem}-{r + 1:05d}-of-{world:05d}{ext}" for r in range(world)]
     mine, weight_map, total = {}, {}, 0
     for i, (name, t) in enumerate(sd.items()):
-        whole = full_tensor(t)  # collective: every rank, every tensor, same order
+        value = whole(name, t, zero3)  # collective: every rank, every tensor, same order
         owner = i % world
         weight_map[name] = files[owner]
-        total += whole.numel() * whole.element_size()
+        total += value.numel() * value.element_size()
         if owner == rank:
-            mine[name] = whole.detach().cpu().clone()
-        del whole
+            mine[name] = value.detach().cpu().clone()
+        del value
     save_state_dict(mine, os.path.join(folder, files[rank]), metadata={"format": "pt"})
     if is_main:
         _save_config(model, folder)
@@ -155,6 +185,7 @@ def load_pretrained(model: torch.nn.Module, folder: str, target: Optional[Dict[s
     weights_name = weights_name or weights_name_for(model)
     files, _ = _weight_files(folder, weights_name)
     dest = target if target is not None else model.state_dict()
+    zero3 = zero3_params(model) if target is None else {}
     missing = [k for k in dest if k not in files and k not in set(allow_missing)]
     unexpected = [k for k in files if k not in dest]
     if missing or unexpected:
@@ -168,13 +199,26 @@ def load_pretrained(model: torch.nn.Module, folder: str, target: Optional[Dict[s
             f = handles.get(files[name])
             if f is None:
                 f = handles[files[name]] = safe_open(files[name], "pt")
-            copy_into(t, f.get_tensor(name), name, folder)
+            copy_into(t, f.get_tensor(name), name, folder, zero3.get(name))
     finally:
         handles.clear()
 
 
-def copy_into(t: torch.Tensor, src: torch.Tensor, name: str, where: str) -> None:
-    """Copy the whole tensor ``src`` into ``t`` (this rank's dim-0 chunk when ``t`` is a shard)."""
+def copy_into(t: torch.Tensor, src: torch.Tensor, name: str, where: str, zero3_param=None) -> None:
+    """Copy the whole tensor ``src`` into ``t`` (this rank's dim-0 chunk when ``t`` is a shard; a ZeRO-3
+    parameter through DeepSpeed's gather and re-partition: collective)."""
+    if zero3_param is not None:
+        import deepspeed
+
+        p = zero3_param
+        if tuple(src.shape) != tuple(p.ds_shape):
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(src.shape)} but the model being trained "
+                                  f"has {tuple(p.ds_shape)}: was it written for another model?")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if _dist()[0] == 0:
+                with torch.no_grad():
+                    p.data.copy_(src.to(p.dtype))
+        return
     if tuple(src.shape) != tuple(t.shape):
         raise CheckpointError(f"{where}: tensor {name} has shape {tuple(src.shape)} but the model being trained has "
                               f"{tuple(t.shape)}: was it written for another model?")
@@ -189,24 +233,26 @@ def copy_into(t: torch.Tensor, src: torch.Tensor, name: str, where: str) -> None
 def load_state_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
     """Copy whole tensors (by state-dict name) into ``module``, shard-aware."""
     dest = module.state_dict()
+    zero3 = zero3_params(module)
     unknown = [k for k in state if k not in dest]
     if unknown:
         raise CheckpointError(f"{where}: holds tensors the model being trained does not have ({unknown[:3]})")
     for name, src in state.items():
-        copy_into(dest[name], src, name, where)
+        copy_into(dest[name], src, name, where, zero3.get(name))
 
 
 def full_copy(model, is_main: bool):
-    """An unsharded copy of ``model`` on the CPU of the main process (None elsewhere); collective under FSDP.
-    The model itself when it is not sharded."""
+    """An unsharded copy of ``model`` on the CPU of the main process (None elsewhere); collective under FSDP and
+    ZeRO-3 (one tensor gathered at a time). The model itself when it is not sharded."""
     if not is_sharded(model):
         return model
     sd = {}
+    zero3 = zero3_params(model)
     for name, t in model.state_dict().items():
-        whole = full_tensor(t)
+        value = whole(name, t, zero3)
         if is_main:
-            sd[name] = whole.detach().cpu().clone()
-        del whole
+            sd[name] = value.detach().cpu().clone()
+        del value
     if not is_main:
         return None
     # fully_shard swaps the class for a generated FSDP subclass; rebuild the plain diffusers class.

@@ -353,7 +353,16 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         osd = get_optimizer_state_dict(self.model, self.optimizer)
-        dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(folder, "optimizer"))
+        try:
+            dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(folder, "optimizer"))
+        except Exception as e:  # DCP wraps a rank's error (disk full), maybe twice: raise the error itself
+            inner = e
+            while getattr(inner, "failures", None):
+                failure = next(iter(inner.failures.values()))
+                inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+            if inner is e:
+                raise
+            raise inner from None
 
     def load_optimizer(self, folder: str) -> None:
         from ..errors import CheckpointError

@@ -48,6 +48,13 @@ class CheckpointError(DiffusersNpuError, RuntimeError):
     """A checkpoint cannot be written or resumed from (incomplete, another model, changed run)."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files differ from its manifest, or cannot be read (truncated, deleted, flipped bytes).
+    Exit status 3: the run cannot continue from it (``latest`` falls back instead of raising this)."""
+
+    exit_code = EXIT_TRAINING
+
+
 class TrainingError(DiffusersNpuError, RuntimeError):
     """Training cannot continue (non-finite loss or weights, fp16 overflow on every step, ...)."""
 
@@ -70,6 +77,7 @@ __all__ = [
     "EXIT_LEARNING_CHECK",
     "EXIT_TRAINING",
     "EXIT_USAGE",
+    "CheckpointDamaged",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -10,8 +10,9 @@
     deepspeed/            the DeepSpeed engine's own checkpoint (ZeRO shards)
     lr_scheduler.pt, precision.pt (GradScaler), rng_<rank>.pt
 
-It is written through the crash-safe protocol of :mod:`diffusers_npu.checkpoint` (temp folder, fsync,
-COMPLETE marker, rename). Before the marker is written every rank checks on its device that the trained
+It is written through the crash-safe protocol of :mod:`diffusers_npu.checkpoint` (temp folder, manifest of
+every rank's files, fsync, COMPLETE marker, rename). A file that cannot be read at resume is one
+:class:`CheckpointDamaged` line (:func:`unreadable`). Before the marker is written every rank checks on its device that the trained
 weights and the optimizer state are finite (one host sync per save): a checkpoint of poisoned weights is
 never committed. Resume reads this layout and the one of earlier versions (``unet.safetensors``,
 ``ema.pt``), and refuses a run whose batch, resolution, seed, data or world size changed.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointDamaged, CheckpointError, DiffusersNpuError, TrainingError
 from ..fsutil import is_disk_full, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,22 @@ def _load(path: str, what: str):
                               f"({os.path.basename(path)}); the checkpoint is incomplete") from None
 
 
+def unreadable(path: str, part: str, exc: BaseException) -> CheckpointDamaged:
+    """The one line for a checkpoint file that cannot be read: the file (found by a format check, or the part
+    being read), what was expected, and the checkpoint to use instead."""
+    missing = getattr(exc, "filename", None) if isinstance(exc, FileNotFoundError) else None
+    problem = (f"{os.path.relpath(missing, os.path.dirname(os.path.abspath(path)))} is missing" if missing
+               else ckpt.manifest.diagnose(path))
+    if problem is None:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        problem = f"{part} in {os.path.basename(path)} cannot be read ({type(exc).__name__}: {reason})"
+    older = [p for s, p in ckpt.list_checkpoints(os.path.dirname(os.path.abspath(path)))
+             if os.path.abspath(p) != os.path.abspath(path)]
+    todo = (f"resume from {older[-1]} (--resume_from_checkpoint {os.path.basename(older[-1])})" if older
+            else "start without --resume_from_checkpoint")
+    return CheckpointDamaged(f"--resume_from_checkpoint: {problem}: the checkpoint {path} is damaged; {todo}")
+
+
 class Checkpointer:
     """Saves and restores a Trainer's state (needs its accelerator, task, model, optimizer, ...)."""
 
@@ -121,6 +138,9 @@ class Checkpointer:
         try:
             self._write(tmp)
             self._check_finite(final)
+            acc.wait_for_everyone()
+            # collective: every rank lists and hashes its share; the manifest is checked before the marker
+            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2}, ckpt.Ranks())
         except BaseException as e:
             full = is_disk_full(e, a.output_dir)  # before the temp folder goes and frees the space
             if rt.is_main:
@@ -130,9 +150,7 @@ class Checkpointer:
                 raise TrainingError(f"disk full while writing {final}: {str(e).splitlines()[0] if str(e) else e}; "
                                     f"{t.ledger.safety_note()}") from None
             raise
-        acc.wait_for_everyone()
         if rt.is_main:
-            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2})
             t.ledger.done(temp=tmp, final=final)
             for removed in ckpt.prune(a.output_dir, a.checkpoints_total_limit, keep=final):
                 logger.info("removed old checkpoint %s", removed)
@@ -185,7 +203,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------- load
     def load(self, path: str) -> Optional[dict]:
-        """Restore everything but the RNG state, which is returned (set it after the data loader starts)."""
+        """Restore everything but the RNG state, which is returned (set it after the data loader starts).
+        Any file that cannot be read is one CheckpointDamaged line naming it (never a torch/safetensors/JSON
+        traceback)."""
+        self._reading = "train_state.json"
+        try:
+            return self._load(path)
+        except DiffusersNpuError:
+            raise
+        except Exception as e:  # whatever torch, safetensors, DCP or json raise for a damaged file
+            raise unreadable(path, self._reading, e) from None
+
+    def _load(self, path: str) -> Optional[dict]:
         t = self.t
         state_file = os.path.join(path, "train_state.json")
         try:
@@ -195,6 +224,7 @@ class Checkpointer:
             raise CheckpointError(f"--resume_from_checkpoint: {path} has no train_state.json; the checkpoint is "
                                   f"incomplete or was not written by diffusers-npu") from None
         self._check_fingerprint(path, saved.get("fingerprint") or {})
+        self._reading = "the trained weights (unet/, unet_ema/, ...)"
         ema = t.task.load_trained(path)
         if t.ema is not None:
             if ema is None:
@@ -202,16 +232,19 @@ class Checkpointer:
             if ema is None:
                 raise CheckpointError(f"--resume_from_checkpoint: {path} has no EMA weights but --use_ema is on")
             t.ema.load(ema, saved.get("ema_steps") or saved.get("ema_optimization_step") or 0)
+        self._reading = "the optimizer state"
         if t.deepspeed:
             t.model.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
         elif t.rt.sharded:
             self._load_sharded_optimizer(os.path.join(path, "optimizer"))
         else:
             t.optimizer.load_state_dict(_load(os.path.join(path, "optimizer.pt"), "optimizer state"))
+        self._reading = "lr_scheduler.pt"
         t.lr_scheduler.load_state_dict(_load(os.path.join(path, "lr_scheduler.pt"), "scheduler state"))
         self._apply_learning_rate(saved.get("fingerprint") or {})
         prec = os.path.join(path, "precision.pt")
         old_scaler = os.path.join(path, "scaler.pt")
+        self._reading = "precision.pt"
         if os.path.isfile(prec):
             t.precision.load_state_dict(_load(prec, "precision state"))
         elif os.path.isfile(old_scaler) and t.precision.scaler is not None:
@@ -219,8 +252,10 @@ class Checkpointer:
         t.state.load_state_dict(saved)
         t.state.fingerprint = self.current_fingerprint()
         rng_file = os.path.join(path, f"rng_{t.rt.rank}.pt")
+        self._reading = os.path.basename(rng_file)
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.isfile(rng_file) else None
         logger.info("resumed from %s at step %d", path, t.state.global_step)
-        return torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.isfile(rng_file) else None
+        return rng
 
     def _load_sharded_optimizer(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp

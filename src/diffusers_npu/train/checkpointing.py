@@ -98,8 +98,12 @@ def _load(path: str, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"--resume_from_checkpoint: {os.path.dirname(path)} has no {what} "
-                              f"({os.path.basename(path)}); the checkpoint is incomplete") from None
+        raise CheckpointDamaged(f"--resume_from_checkpoint: {os.path.dirname(path)} has no {what} "
+                                f"({os.path.basename(path)}); the checkpoint is incomplete") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def unreadable(path: str, part: str, exc: BaseException) -> CheckpointDamaged:
@@ -135,20 +139,25 @@ class Checkpointer:
             t.ledger.begin(tmp)
             ckpt.begin(final)
         acc.wait_for_everyone()
+        ranks = ckpt.Ranks()
         try:
-            self._write(tmp)
+            try:
+                self._write(tmp)
+                failure = None
+            except Exception as e:
+                failure = e
+            self._agree_on_failure(ranks, failure, final)
             self._check_finite(final)
-            acc.wait_for_everyone()
             # collective: every rank lists and hashes its share; the manifest is checked before the marker
-            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2}, ckpt.Ranks())
+            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2}, ranks)
         except BaseException as e:
-            full = is_disk_full(e, a.output_dir)  # before the temp folder goes and frees the space
+            full = not isinstance(e, TrainingError) and is_disk_full(e, a.output_dir)  # before the clean-up frees space
             if rt.is_main:
                 ckpt.abort(tmp)
                 t.ledger.done(temp=tmp)
             if full:
-                raise TrainingError(f"disk full while writing {final}: {str(e).splitlines()[0] if str(e) else e}; "
-                                    f"{t.ledger.safety_note()}") from None
+                raise TrainingError(f"disk full while writing {final}: {_first_line(e)}; {t.ledger.safety_note()}") \
+                    from None
             raise
         if rt.is_main:
             t.ledger.done(temp=tmp, final=final)
@@ -157,6 +166,28 @@ class Checkpointer:
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _agree_on_failure(self, ranks, failure: Optional[BaseException], final: str) -> None:
+        """Every rank learns whether any rank failed to write its files, and why, before anything is cleaned
+        up: the temp folder is never removed under a rank still writing into it, a full disk is recognised by
+        the rank that hit it (while the disk is still full), and every rank stops with the same line."""
+        mine = None
+        if failure is not None:
+            full = is_disk_full(failure, self.t.args.output_dir)
+            mine = ("full" if full else "error", _first_line(failure))
+        reports = ranks.gather(mine)
+        bad = [(r, rep) for r, rep in enumerate(reports) if rep]
+        if not bad:
+            return
+        full = [(r, text) for r, (kind, text) in bad if kind == "full"]
+        if full:
+            r, text = full[0]
+            who = "" if ranks.world == 1 else f" (rank {r})"
+            raise TrainingError(f"disk full while writing {final}{who}: {text}; {self.t.ledger.safety_note()}")
+        if failure is not None:
+            raise failure
+        r, (_kind, text) = bad[0]
+        raise TrainingError(f"rank {r} could not write its part of {final}: {text}; {self.t.ledger.safety_note()}")
 
     def _write(self, tmp: str) -> None:
         t = self.t
@@ -209,6 +240,10 @@ class Checkpointer:
         self._reading = "train_state.json"
         try:
             return self._load(path)
+        except CheckpointError as e:
+            if str(e).startswith("--"):
+                raise
+            raise type(e)(f"--resume_from_checkpoint: {e}") from None  # the model folders' errors name no flag
         except DiffusersNpuError:
             raise
         except Exception as e:  # whatever torch, safetensors, DCP or json raise for a damaged file
@@ -221,8 +256,8 @@ class Checkpointer:
             with open(state_file) as f:
                 saved = json.load(f)
         except FileNotFoundError:
-            raise CheckpointError(f"--resume_from_checkpoint: {path} has no train_state.json; the checkpoint is "
-                                  f"incomplete or was not written by diffusers-npu") from None
+            raise CheckpointDamaged(f"--resume_from_checkpoint: {path} has no train_state.json; the checkpoint is "
+                                    f"incomplete or was not written by diffusers-npu") from None
         self._check_fingerprint(path, saved.get("fingerprint") or {})
         self._reading = "the trained weights (unet/, unet_ema/, ...)"
         ema = t.task.load_trained(path)
@@ -245,7 +280,8 @@ class Checkpointer:
         prec = os.path.join(path, "precision.pt")
         old_scaler = os.path.join(path, "scaler.pt")
         self._reading = "precision.pt"
-        if os.path.isfile(prec):
+        layout = ckpt.read_marker(path).get("layout", 0)  # 2: this version's, where every file below exists
+        if os.path.isfile(prec) or layout >= 2:
             t.precision.load_state_dict(_load(prec, "precision state"))
         elif os.path.isfile(old_scaler) and t.precision.scaler is not None:
             t.precision.scaler.load_state_dict(_load(old_scaler, "scaler state"))
@@ -253,6 +289,8 @@ class Checkpointer:
         t.state.fingerprint = self.current_fingerprint()
         rng_file = os.path.join(path, f"rng_{t.rt.rank}.pt")
         self._reading = os.path.basename(rng_file)
+        if not os.path.isfile(rng_file) and layout >= 2:
+            raise FileNotFoundError(2, "No such file", rng_file)  # this layout always has one per rank
         rng = torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.isfile(rng_file) else None
         logger.info("resumed from %s at step %d", path, t.state.global_step)
         return rng

@@ -113,3 +113,26 @@ def test_unreadable_files_of_a_checkpoint_without_manifest_are_one_line(three_ch
         named = os.path.basename(rel) if kind != "weights" and kind != "ema" else rel.split("/")[0]
         assert err.startswith("error: --resume_from_checkpoint: ") and named in err, (what, err)
         shutil.rmtree(case)
+
+
+# ------------------------------------------------------------------------------------------- empty captions
+@pytest.mark.parametrize("captions, expected", [
+    (["", " ", "", ""], "caption column 'text': every caption of the training data is empty"),
+    ([["a digit"], [""], ["", " "], [" "]], "caption column 'text': 3 of 4 captions (75%) of the training data are empty"),
+    (["a digit", "", "two", "three"], None),
+])
+def test_empty_captions_are_warned_in_one_line_naming_the_column(tmp_path, caplog, captions, expected):
+    from PIL import Image
+
+    from diffusers_npu.data.sources import load_training_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
+    with caplog.at_level("WARNING"):
+        load_training_data(train_data_dir=str(folder), caption_column="text")
+    warned = [r.getMessage() for r in caplog.records if "caption column" in r.getMessage()]
+    assert warned == ([] if expected is None else [warned[0]]) and (expected is None or warned[0].startswith(expected))

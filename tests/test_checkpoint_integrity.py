@@ -8,6 +8,7 @@ file of the newest and resumes (tests/faults.py)."""
 import itertools
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -136,3 +137,28 @@ def test_empty_captions_are_warned_in_one_line_naming_the_column(tmp_path, caplo
         load_training_data(train_data_dir=str(folder), caption_column="text")
     warned = [r.getMessage() for r in caplog.records if "caption column" in r.getMessage()]
     assert warned == ([] if expected is None else [warned[0]]) and (expected is None or warned[0].startswith(expected))
+
+
+# ------------------------------------------------------------------------------------------- two processes
+def test_two_ranks_share_the_hashing_refuse_node_local_folders_and_agree_on_the_fallback(tmp_path):
+    """torchrun, 2 processes, gloo: the manifest holds both ranks' CRCs; ranks writing into folders of their
+    own (node-local disks) are refused on every rank with one line; a damaged newest checkpoint makes both
+    ranks resume from the same previous one."""
+    from trainkit import REPO, run_subprocess
+
+    out = tmp_path / "o"
+    r = run_subprocess(["python", "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+                        os.path.join(REPO, "tests", "manifest_worker.py"), str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ok = re.findall(r"OK (\d) (.+?)(?=OK \d |$)", r.stdout, re.M)  # the two ranks' lines may interleave
+    files = "['shard_0.bin', 'shard_1.bin', 'train_state.json']"
+    for rank in (0, 1):
+        mine = [text for r_, text in ok if r_ == str(rank)]
+        assert f"hashed_by [0, 1] files {files}" in mine, r.stdout
+        assert "resume checkpoint-1" in mine, r.stdout
+        refused = [ln for ln in mine if ln.startswith("refused: ")]
+        assert len(refused) == 1 and "rank 1 does not see the same files in " in refused[0] and \
+            "the output folder must be on a filesystem shared by all nodes" in refused[0], r.stdout
+    assert os.path.isdir(out / "checkpoint-2.damaged") and (r.stdout + r.stderr).count("is damaged") == 1
+    assert not [p for p in os.listdir(tmp_path) if "local" in p and
+                any(ckpt.is_complete(str(tmp_path / p / c)) for c in os.listdir(tmp_path / p))]

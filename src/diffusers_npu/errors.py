@@ -4,7 +4,8 @@ Every error a user can act on derives from :class:`DiffusersNpuError`. Entry poi
 ``test_infer/*.py``, ``diffusers-npu ...``) print such an error as ONE line, ``error: <message>``, on stderr
 with no traceback, and exit with :attr:`DiffusersNpuError.exit_code`: 2 for bad input (flags, config files,
 data, model folders, checkpoints), 3 for a failure during training (non-finite loss, every fp16 step
-overflowing, a checkpoint that would hold non-finite weights). Anything else is a bug and keeps its
+overflowing, a checkpoint that would hold non-finite weights, a full disk) and for a damaged checkpoint
+(:class:`CheckpointDamaged`). Anything else is a bug and keeps its
 traceback.
 
 Messages name the flag, file, column or row, say what was expected, and (where it helps) what to do.

@@ -182,7 +182,7 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, metavar="N",
                    help="keep at most N checkpoints (the newest complete one is never removed)")
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
-                   help="a checkpoint-N folder, or 'latest' (the newest complete checkpoint; starts fresh when "
+                   help="a checkpoint-N folder, or 'latest' (the newest complete checkpoint that verifies; starts fresh when "
                         "there is none, so the same command serves the first run and every rerun)")
     g.add_argument("--checkpoint_verification", choices=("hashes", "sizes"), default="hashes",
                    help="what resuming checks against the checkpoint's manifest.json before using it: 'hashes' "

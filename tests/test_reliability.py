@@ -213,12 +213,16 @@ def test_checkpoint_of_another_model_and_missing_files_are_checkpoint_errors(tmp
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     other.save_pretrained(str(bad / "checkpoint-2" / "unet"))
+    os.remove(bad / "checkpoint-2" / "manifest.json")  # as an earlier version wrote it (else: damaged, fallback)
+    (bad / "checkpoint-2" / "COMPLETE").write_text('{"step": 2, "world_size": 1, "layout": 2}')
+    capsys.readouterr()  # the training's own output
     rc, _, err = main_rc(T2I, argv(bad, 3, "--resume_from_checkpoint", "latest"), capsys)
     assert rc == 2 and err.startswith("error: ") and "does not match the model being trained" in err
     assert "Traceback" not in err
     shutil.rmtree(out / "checkpoint-2" / "optimizer")  # a half-deleted checkpoint that kept its marker
-    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "latest"), capsys)
-    assert rc == 2 and "has no optimizer state" in err
+    rc, _, err = main_rc(T2I, argv(out, 3, "--resume_from_checkpoint", "checkpoint-2"), capsys)
+    assert rc == 3 and "checkpoint-2/optimizer/" in err and " is missing (expected " in err
+    assert "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------ wrong result, silently
@@ -283,24 +287,60 @@ def test_summary_records_the_precision_really_used(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- real disk full
+PAGE = 4096
+#: the order in which a 1-process checkpoint's files are written (then .ranks/0.json, manifest.json, COMPLETE)
+WRITE_ORDER = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "rng_0.pt", "optimizer.pt",
+               "lr_scheduler.pt", "precision.pt", "train_state.json"]
+
+
+def _disk_full_sizes(manifest_files):
+    """tmpfs sizes (bytes) from "nothing fits" to "the second checkpoint does not fit": the disk fills up
+    inside each file of the first checkpoint in turn, in each step of its commit (rank part, manifest,
+    marker), and inside the two large files of the second."""
+    pages = {rel: -(-e["size"] // PAGE) for rel, e in manifest_files.items()}
+    assert sorted(pages) == sorted(WRITE_ORDER), sorted(pages)
+    sizes, before = [1], 0
+    for rel in WRITE_ORDER:
+        if rel not in ("unet/config.json", "precision.pt"):  # one-page files next to a tested neighbour
+            sizes.append(before + pages[rel] // 2)
+        before += pages[rel]
+    sizes += [before, before + 1, before + 2]  # .ranks/0.json, manifest.json, COMPLETE do not fit
+    one = before + 3
+    sizes += [one + pages["unet/diffusion_pytorch_model.safetensors"] // 2, one + before - 2]
+    return [s * PAGE for s in sizes]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_real_disk_full_keeps_the_previous_checkpoint(tmp_path, capsys):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        out = mnt / "o"
-        # a checkpoint is ~50 MB (UNet weights + AdamW state): the first fits in 80 MB, the second cannot
-        rc, _, err = main_rc(T2I, argv(out, 3, ckpt=1), capsys)
-        assert rc == 3 and "Traceback" not in err
-        assert err.startswith("error: disk full while writing ") and \
-            f"the last complete checkpoint is {out / 'checkpoint-1'}" in err, err
-        assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [1]
-        _checkpoints_all_good(out)
-        _no_temp_left(out)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])  # lazy: a file may still be mapped by this process
+def test_real_disk_full_at_every_size_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    train(T2I, ref, steps=1, ckpt=1)
+    sizes = _disk_full_sizes(json.load(open(ref / "checkpoint-1" / "manifest.json"))["files"])
+    seen = set()
+    for size in sizes:
+        for rep in range(3):
+            mnt = tmp_path / f"m{size}-{rep}"
+            mnt.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]).returncode != 0:
+                pytest.skip("cannot mount a tmpfs here")
+            try:
+                out = mnt / "o"
+                capsys.readouterr()
+                rc, _, err = main_rc(T2I, argv(out, 2, ckpt=1), capsys)
+                case = f"tmpfs of {size} bytes, run {rep}: rc {rc}\n{err[-3000:]}"
+                lines = err.strip().splitlines()
+                assert rc == 3 and len(lines) == 1 and lines[0].startswith("error: disk full while writing "), case
+                good = [s for s, _ in ckpt.list_checkpoints(str(out))]
+                assert good in ([], [1]), case
+                note = f"the last complete checkpoint is {out / 'checkpoint-1'}" if good else "no checkpoint was saved yet"
+                assert lines[0].endswith(note), case
+                for _, path in ckpt.list_checkpoints(str(out)):
+                    assert ckpt.check(path) is None, case  # what is left complete verifies
+                if os.path.isdir(out):
+                    _no_temp_left(out)
+                seen.add((tuple(good), lines[0].split(": ", 2)[-1].split(";")[0][:40]))
+            finally:
+                subprocess.run(["umount", "-l", str(mnt)])  # lazy: a file may still be mapped by this process
+    assert {g for g, _ in seen} == {(), (1,)}, seen  # both sides of the first checkpoint were reached
 
 
 # -------------------------------------------------------------------------- kills at seeded random moments

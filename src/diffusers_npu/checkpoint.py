@@ -5,10 +5,13 @@ Layout of ``output_dir``::
     checkpoint-500/             complete checkpoint (has the COMPLETE marker)
     .tmp-checkpoint-1000/       a save in progress, or one killed mid-way: never read; collected at start-up
     .tmp-pipeline/              the final save in progress (same rule)
+    checkpoint-750.damaged/     failed verification against its manifest at resume: kept for inspection, never
+                                resumed, counted, pruned or collected
     unet.old/                   left by a kill inside :func:`install_folder_contents`; collected at start-up
 
 A folder is *good* only when its ``COMPLETE`` marker exists. The marker is written after every file it
-vouches for has been fsync'ed, and ``os.replace`` of a folder is atomic on POSIX file systems, so a
+vouches for has been listed in ``manifest.json`` (size and CRC of every file, checked across ranks: see
+:mod:`diffusers_npu.manifest`) and fsync'ed, and ``os.replace`` of a folder is atomic on POSIX file systems, so a
 ``kill -9`` at any moment leaves either the old set of checkpoints or the new one. ``latest`` resolves to
 the newest good checkpoint; pruning renames a checkpoint to a temp
 name before deleting it, so a half-deleted checkpoint is never visible, and it never removes the newest good
@@ -23,7 +26,8 @@ import re
 import shutil
 import time
 
-from .errors import CheckpointError
+from . import manifest
+from .errors import CheckpointDamaged, CheckpointError
 from .fsutil import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,43 @@ MARKER = "COMPLETE"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a killed run can leave behind: our temp folders and the ".old" side of an install.
 _STALE_RE = re.compile(r"^(\.tmp-.+|.+\.old|.+\.tmp-\d+)$")
+
+
+class Ranks:
+    """The processes taking part in a save or a resume: rank, world size and the collectives the protocol
+    needs (torch.distributed's default group when it is initialised -- DDP, FSDP and DeepSpeed all run on it --
+    else one process)."""
+
+    def __init__(self):
+        self.dist = None
+        self.rank, self.world = 0, 1
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self.dist, self.rank, self.world = dist, dist.get_rank(), dist.get_world_size()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def from_main(self, obj):
+        """The main process's ``obj`` on every rank."""
+        if self.dist is None:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, on every rank."""
+        if self.dist is None:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
 
 
 def is_complete(path: str) -> bool:
@@ -51,18 +92,55 @@ def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[tuple[
     return sorted(out)
 
 
-def resolve_resume(resume_from: str | None, output_dir: str) -> str | None:
-    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (or None to start fresh).
+def read_marker(path: str) -> dict:
+    """The COMPLETE marker's content ({} for an empty or unreadable marker of an earlier version)."""
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
-    ``latest`` picks the newest complete checkpoint in ``output_dir`` and returns None when there is none
-    (so rerunning the same command after a pre-emption just continues). An explicit path must be a complete
-    checkpoint, else a CheckpointError names it.
-    """
+
+def check(path: str, hashes: bool = True) -> str | None:
+    """None when the checkpoint at ``path`` matches its manifest (or has none: earlier versions), else one
+    sentence naming the damaged file and what was expected."""
+    marker = read_marker(path)
+    if not marker.get("manifest") and not os.path.isfile(os.path.join(path, manifest.MANIFEST)):
+        return None
+    return manifest.verify(path, marker, hashes=hashes)
+
+
+def mark_damaged(path: str) -> str:
+    """Rename a damaged checkpoint to ``<name>.damaged`` (``.damaged-2``, ... if taken): kept for inspection,
+    and no longer a ``checkpoint-N`` name, so it is never resumed, counted, pruned or collected."""
+    base = os.path.normpath(path)
+    target, n = base + ".damaged", 2
+    while os.path.exists(target):
+        target, n = f"{base}.damaged-{n}", n + 1
+    os.replace(path, target)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return target
+
+
+def _select(resume_from: str | None, output_dir: str, hashes: bool) -> str | None:
+    """Main process: the checkpoint to resume from (see :func:`resolve_resume`)."""
     if not resume_from:
         return None
     if resume_from == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1][1] if ckpts else None
+        for step, path in reversed(list_checkpoints(output_dir)):
+            problem = check(path, hashes)
+            if problem is None:
+                if not os.path.isfile(os.path.join(path, manifest.MANIFEST)):
+                    logger.info("%s has no %s (written by an earlier version): resuming without verifying its files",
+                                path, manifest.MANIFEST)
+                return path
+            moved = mark_damaged(path)
+            older = [p for _s, p in list_checkpoints(output_dir)]
+            logger.warning("checkpoint %s is damaged: %s; renamed to %s (kept for inspection); %s", path, problem,
+                           os.path.basename(moved), "trying " + os.path.basename(older[-1]) if older
+                           else "no other checkpoint: starting from step 0")
+        return None
     path = resume_from
     if not os.path.isabs(path) and not os.path.exists(path):
         path = os.path.join(output_dir, resume_from)
@@ -72,7 +150,38 @@ def resolve_resume(resume_from: str | None, output_dir: str) -> str | None:
     if not is_complete(path):
         raise CheckpointError(f"--resume_from_checkpoint: {path} is incomplete (no {MARKER} marker): it was "
                               f"interrupted while being written or deleted; use an older checkpoint or 'latest'")
+    problem = check(path, hashes)
+    if problem:
+        raise CheckpointDamaged(f"--resume_from_checkpoint: {path} is damaged: {problem}; resume from an earlier "
+                                f"checkpoint, or use 'latest' to fall back to the newest one that verifies")
+    if not os.path.isfile(os.path.join(path, manifest.MANIFEST)):
+        logger.info("%s has no %s (written by an earlier version): resuming without verifying its files", path,
+                    manifest.MANIFEST)
     return path
+
+
+def resolve_resume(resume_from: str | None, output_dir: str, hashes: bool = True,
+                   ranks: "Ranks | None" = None) -> str | None:
+    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (or None to start fresh). Collective: every
+    rank calls it; the main process decides and every rank gets its answer (or its error).
+
+    ``latest`` picks the newest complete checkpoint in ``output_dir`` that verifies against its manifest
+    (sizes always, CRCs with ``hashes``); a damaged one is renamed ``<name>.damaged`` with one warning line
+    and the next older one is tried; None when none is left (so rerunning the same command after a
+    pre-emption just continues). An explicit path must be a complete checkpoint that verifies, else a
+    CheckpointError names it (a damaged one: :class:`CheckpointDamaged`, exit 3).
+    """
+    ranks = ranks or Ranks()
+    answer = None
+    if ranks.is_main:
+        try:
+            answer = ("ok", _select(resume_from, output_dir, hashes))
+        except CheckpointError as e:
+            answer = (type(e).__name__, str(e))
+    kind, value = ranks.from_main(answer)
+    if kind != "ok":
+        raise (CheckpointDamaged if kind == "CheckpointDamaged" else CheckpointError)(value)
+    return value
 
 
 def tmp_path_for(final: str) -> str:
@@ -89,11 +198,43 @@ def begin(final: str) -> str:
     return tmp
 
 
-def commit(tmp: str, final: str, info: dict | None = None) -> str:
-    """fsync everything in ``tmp``, mark it complete and move it to ``final`` (replacing a same-named one)."""
+def commit(tmp: str, final: str, info: dict | None = None, ranks: "Ranks | None" = None) -> str:
+    """Write the manifest, fsync everything in ``tmp``, mark it complete and move it to ``final`` (replacing a
+    same-named one). Collective: every rank calls it after writing its files (the listing and the CRCs are
+    shared out over the ranks, see :mod:`diffusers_npu.manifest`); only the main process writes the marker and
+    renames. A rank that sees other files than the main process is refused (CheckpointError on every rank)."""
+    ranks = ranks or Ranks()
+    error = None
+    try:
+        manifest.write_rank_part(tmp, ranks.rank, ranks.world)
+    except OSError as e:  # e.g. the disk filled up on this rank: every rank must learn it, not wait forever
+        error = e
+    failed = ranks.gather(None if error is None else f"rank {ranks.rank}: {error}")
+    if error is not None:
+        raise error
+    if any(failed):
+        raise CheckpointError(f"{final} was not committed: {next(f for f in failed if f)}")
+    answer = None
+    if ranks.is_main:
+        try:
+            merged = manifest.merge_rank_parts(tmp, ranks.world)
+            answer = ("ok", len(merged["files"]))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+        except OSError as e:
+            answer = ("oserror", e)
+    kind, value = ranks.from_main(answer)
+    if kind == "oserror":
+        raise value
+    if kind == "error":
+        raise CheckpointError(value)
+    if not ranks.is_main:
+        return final
     fsync_tree(tmp)
+    vouch = {"manifest": manifest.MANIFEST, "manifest_crc32": manifest.file_crc(os.path.join(tmp, manifest.MANIFEST)),
+             "files": value}
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump(dict(info or {}, time=time.time()), f)
+        json.dump(dict(info or {}, **vouch, time=time.time()), f)
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp)
@@ -213,6 +354,6 @@ def check_writable(folder: str, flag: str = "--output_dir") -> None:
         raise CheckpointError(f"{flag}: {folder} is not writable ({e.strerror or e})") from e
 
 
-__all__ = ["MARKER", "CheckpointError", "abort", "begin", "check_writable", "collect_stale", "commit",
-           "install_folder_contents", "is_complete", "list_checkpoints", "prune", "remove_tree",
-           "resolve_resume", "tmp_path_for"]
+__all__ = ["MARKER", "CheckpointDamaged", "CheckpointError", "abort", "check", "begin", "check_writable", "collect_stale", "commit",
+           "install_folder_contents", "is_complete", "list_checkpoints", "mark_damaged", "prune",
+           "read_marker", "remove_tree", "resolve_resume", "tmp_path_for", "Ranks"]

@@ -4,7 +4,8 @@ Every error a user can act on derives from :class:`DiffusersNpuError`. Entry poi
 ``test_infer/*.py``, ``diffusers-npu ...``) print such an error as ONE line, ``error: <message>``, on stderr
 with no traceback, and exit with :attr:`DiffusersNpuError.exit_code`: 2 for bad input (flags, config files,
 data, model folders, checkpoints), 3 for a failure during training (non-finite loss, every fp16 step
-overflowing, a checkpoint that would hold non-finite weights). Anything else is a bug and keeps its
+overflowing, a checkpoint that would hold non-finite weights, a full disk) and for a damaged checkpoint
+(:class:`CheckpointDamaged`). Anything else is a bug and keeps its
 traceback.
 
 Messages name the flag, file, column or row, say what was expected, and (where it helps) what to do.
@@ -48,6 +49,13 @@ class CheckpointError(DiffusersNpuError, RuntimeError):
     """A checkpoint cannot be written or resumed from (incomplete, another model, changed run)."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files differ from its manifest, or cannot be read (truncated, deleted, flipped bytes).
+    Exit status 3: the run cannot continue from it (``latest`` falls back instead of raising this)."""
+
+    exit_code = EXIT_TRAINING
+
+
 class TrainingError(DiffusersNpuError, RuntimeError):
     """Training cannot continue (non-finite loss or weights, fp16 overflow on every step, ...)."""
 
@@ -70,6 +78,7 @@ __all__ = [
     "EXIT_LEARNING_CHECK",
     "EXIT_TRAINING",
     "EXIT_USAGE",
+    "CheckpointDamaged",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -198,8 +198,37 @@ def load_training_data(dataset_name=None, local_data_dir=None, train_data_dir=No
     ds = load_source(dataset_name, local_data_dir, train_data_dir, dataset_config_name, cache_dir=cache_dir)
     image_column, caption_column = resolve_columns(ds, image_column, caption_column, need_caption=need_caption)
     ds = select_rows(ds, max_train_samples)
+    if caption_column is not None:
+        warn_empty_captions(ds, caption_column)
     ds = undecoded(ds, [image_column, *image_columns])
     return TrainingData(ds, image_column, caption_column)
+
+
+#: share of empty captions from which a run is warned (all empty: the model learns no text conditioning)
+EMPTY_CAPTIONS_WARN = 0.5
+
+
+def _is_empty(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_empty(v) for v in value)
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def warn_empty_captions(ds, column: str) -> float:
+    """One warning line (main process) when all, or at least half, of the captions trained on are empty.
+    Returns the empty share."""
+    import logging
+
+    values = list(ds.select_columns([column])[column]) if hasattr(ds, "select_columns") else \
+        [ds[i][column] for i in range(len(ds))]
+    empty = sum(_is_empty(v) for v in values)
+    share = empty / len(values) if values else 0.0
+    if share >= EMPTY_CAPTIONS_WARN and os.environ.get("RANK", "0") == "0":
+        what = "every caption" if empty == len(values) else f"{empty} of {len(values)} captions ({share:.0%})"
+        logging.getLogger(__name__).warning(
+            "caption column %r: %s of the training data %s empty: the model learns to ignore the prompt for "
+            "them; check --caption_column", column, what, "is" if empty == len(values) else "are")
+    return share
 
 
 __all__ = ["DataError", "TrainingData", "check_max_train_samples", "check_metadata_jsonl", "load_source",

@@ -11,8 +11,9 @@
     optimizer.pt          (earlier versions: one process / DDP)
     lr_scheduler.pt, precision.pt (GradScaler), rng_<rank>.pt
 
-It is written through the crash-safe protocol of :mod:`diffusers_npu.checkpoint` (temp folder, fsync,
-COMPLETE marker, rename). Before the marker is written every rank checks on its device that the trained
+It is written through the crash-safe protocol of :mod:`diffusers_npu.checkpoint` (temp folder, manifest of
+every rank's files, fsync, COMPLETE marker, rename). A file that cannot be read at resume is one
+:class:`CheckpointDamaged` line (:func:`unreadable`). Before the marker is written every rank checks on its device that the trained
 weights and the optimizer state are finite (one host sync per save): a checkpoint of poisoned weights is
 never committed. Resume reads this layout and the one of earlier versions (``unet.safetensors``,
 ``ema.pt``), and refuses a run whose global batch, resolution, seed or data changed. A different number of
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointDamaged, CheckpointError, DiffusersNpuError, TrainingError
 from ..fsutil import is_disk_full, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,28 @@ def _load(path: str, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"--resume_from_checkpoint: {os.path.dirname(path)} has no {what} "
-                              f"({os.path.basename(path)}); the checkpoint is incomplete") from None
+        raise CheckpointDamaged(f"--resume_from_checkpoint: {os.path.dirname(path)} has no {what} "
+                                f"({os.path.basename(path)}); the checkpoint is incomplete") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def unreadable(path: str, part: str, exc: BaseException) -> CheckpointDamaged:
+    """The one line for a checkpoint file that cannot be read: the file (found by a format check, or the part
+    being read), what was expected, and the checkpoint to use instead."""
+    missing = getattr(exc, "filename", None) if isinstance(exc, FileNotFoundError) else None
+    problem = (f"{os.path.relpath(missing, os.path.dirname(os.path.abspath(path)))} is missing" if missing
+               else ckpt.manifest.diagnose(path))
+    if problem is None:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        problem = f"{part} in {os.path.basename(path)} cannot be read ({type(exc).__name__}: {reason})"
+    older = [p for s, p in ckpt.list_checkpoints(os.path.dirname(os.path.abspath(path)))
+             if os.path.abspath(p) != os.path.abspath(path)]
+    todo = (f"resume from {older[-1]} (--resume_from_checkpoint {os.path.basename(older[-1])})" if older
+            else "start without --resume_from_checkpoint")
+    return CheckpointDamaged(f"--resume_from_checkpoint: {problem}: the checkpoint {path} is damaged; {todo}")
 
 
 class Checkpointer:
@@ -124,27 +145,55 @@ class Checkpointer:
             t.ledger.begin(tmp)
             ckpt.begin(final)
         acc.wait_for_everyone()
+        ranks = ckpt.Ranks()
         try:
-            self._write(tmp)
+            try:
+                self._write(tmp)
+                failure = None
+            except Exception as e:
+                failure = e
+            self._agree_on_failure(ranks, failure, final)
             self._check_finite(final)
+            # collective: every rank lists and hashes its share; the manifest is checked before the marker
+            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2}, ranks)
         except BaseException as e:
-            full = is_disk_full(e, a.output_dir)  # before the temp folder goes and frees the space
+            full = not isinstance(e, TrainingError) and is_disk_full(e, a.output_dir)  # before the clean-up frees space
             if rt.is_main:
                 ckpt.abort(tmp)
                 t.ledger.done(temp=tmp)
             if full:
-                raise TrainingError(f"disk full while writing {final}: {str(e).splitlines()[0] if str(e) else e}; "
-                                    f"{t.ledger.safety_note()}") from None
+                raise TrainingError(f"disk full while writing {final}: {_first_line(e)}; {t.ledger.safety_note()}") \
+                    from None
             raise
-        acc.wait_for_everyone()
         if rt.is_main:
-            ckpt.commit(tmp, final, {"step": step, "world_size": rt.world_size, "layout": 2})
             t.ledger.done(temp=tmp, final=final)
             for removed in ckpt.prune(a.output_dir, a.checkpoints_total_limit, keep=final):
                 logger.info("removed old checkpoint %s", removed)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _agree_on_failure(self, ranks, failure: Optional[BaseException], final: str) -> None:
+        """Every rank learns whether any rank failed to write its files, and why, before anything is cleaned
+        up: the temp folder is never removed under a rank still writing into it, a full disk is recognised by
+        the rank that hit it (while the disk is still full), and every rank stops with the same line."""
+        mine = None
+        if failure is not None:
+            full = is_disk_full(failure, self.t.args.output_dir)
+            mine = ("full" if full else "error", _first_line(failure))
+        reports = ranks.gather(mine)
+        bad = [(r, rep) for r, rep in enumerate(reports) if rep]
+        if not bad:
+            return
+        full = [(r, text) for r, (kind, text) in bad if kind == "full"]
+        if full:
+            r, text = full[0]
+            who = "" if ranks.world == 1 else f" (rank {r})"
+            raise TrainingError(f"disk full while writing {final}{who}: {text}; {self.t.ledger.safety_note()}")
+        if failure is not None:
+            raise failure
+        r, (_kind, text) = bad[0]
+        raise TrainingError(f"rank {r} could not write its part of {final}: {text}; {self.t.ledger.safety_note()}")
 
     def _write(self, tmp: str) -> None:
         t = self.t
@@ -179,16 +228,32 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------- load
     def load(self, path: str) -> Optional[dict]:
-        """Restore everything but the RNG state, which is returned (set it after the data loader starts)."""
+        """Restore everything but the RNG state, which is returned (set it after the data loader starts).
+        Any file that cannot be read is one CheckpointDamaged line naming it (never a torch/safetensors/JSON
+        traceback)."""
+        self._reading = "train_state.json"
+        try:
+            return self._load(path)
+        except CheckpointError as e:
+            if str(e).startswith("--"):
+                raise
+            raise type(e)(f"--resume_from_checkpoint: {e}") from None  # the model folders' errors name no flag
+        except DiffusersNpuError:
+            raise
+        except Exception as e:  # whatever torch, safetensors, DCP or json raise for a damaged file
+            raise unreadable(path, self._reading, e) from None
+
+    def _load(self, path: str) -> Optional[dict]:
         t = self.t
         state_file = os.path.join(path, "train_state.json")
         try:
             with open(state_file) as f:
                 saved = json.load(f)
         except FileNotFoundError:
-            raise CheckpointError(f"--resume_from_checkpoint: {path} has no train_state.json; the checkpoint is "
-                                  f"incomplete or was not written by diffusers-npu") from None
+            raise CheckpointDamaged(f"--resume_from_checkpoint: {path} has no train_state.json; the checkpoint is "
+                                    f"incomplete or was not written by diffusers-npu") from None
         self._check_fingerprint(path, saved.get("fingerprint") or {})
+        self._reading = "the trained weights (unet/, unet_ema/, ...)"
         ema = t.task.load_trained(path)
         if t.ema is not None:
             if ema is None:
@@ -196,12 +261,16 @@ class Checkpointer:
             if ema is None:
                 raise CheckpointError(f"--resume_from_checkpoint: {path} has no EMA weights but --use_ema is on")
             t.ema.load(ema, saved.get("ema_steps") or saved.get("ema_optimization_step") or 0)
+        self._reading = "the optimizer state"
         t.engine.load_optimizer(path)
+        self._reading = "lr_scheduler.pt"
         t.lr_scheduler.load_state_dict(_load(os.path.join(path, "lr_scheduler.pt"), "scheduler state"))
         self._apply_learning_rate(saved.get("fingerprint") or {})
         prec = os.path.join(path, "precision.pt")
         old_scaler = os.path.join(path, "scaler.pt")
-        if os.path.isfile(prec):
+        self._reading = "precision.pt"
+        layout = ckpt.read_marker(path).get("layout", 0)  # 2: this version's, where every file below exists
+        if os.path.isfile(prec) or layout >= 2:
             t.precision.load_state_dict(_load(prec, "precision state"))
         elif os.path.isfile(old_scaler) and t.precision.scaler is not None:
             t.precision.scaler.load_state_dict(_load(old_scaler, "scaler state"))
@@ -216,6 +285,9 @@ class Checkpointer:
 
             seed_everything(t.args.seed + t.rt.rank + 1_000_003 * t.state.global_step)
             return None
+        self._reading = os.path.basename(rng_file)
+        if not os.path.isfile(rng_file) and layout >= 2:
+            raise FileNotFoundError(2, "No such file", rng_file)  # this layout always has one per rank
         return torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.isfile(rng_file) else None
 
     def _old_ema(self, path: str) -> Optional[dict]:

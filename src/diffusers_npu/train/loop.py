@@ -103,7 +103,8 @@ class Trainer:
         from ..checkpoint import resolve_resume
 
         rng = None
-        resume = resolve_resume(a.resume_from_checkpoint, a.output_dir)
+        # collective: the main process verifies against the manifest and decides; every rank gets its answer
+        resume = resolve_resume(a.resume_from_checkpoint, a.output_dir, a.checkpoint_verification == "hashes")
         self.state.fingerprint = self.checkpointer.current_fingerprint()
         if resume:
             rng = self.checkpointer.load(resume)

@@ -6,7 +6,9 @@ the exit code and a checksum of the rank's full trained weights.
 
 ``JOBS.json``: ``[{"name": ..., "task": ..., "args": [...], "sigterm_at": step or null, "sigterm_rank": r}]``.
 A job with ``sigterm_at`` sends SIGTERM to this process on rank ``sigterm_rank`` (default 1) right after that
-optimizer step, like a pre-emption that reaches one rank first.
+optimizer step, like a pre-emption that reaches one rank first; ``kill_at`` sends SIGKILL instead (a rank that
+dies). ``{node}`` in an argument becomes this process's node rank (``GROUP_RANK``), for node-local folders.
+Each RESULT line also gives the process group's timeout (``timeout S``).
 """
 import json
 import os
@@ -40,15 +42,20 @@ def main():
             _real(self, step)
             if _job.get("sigterm_at") == step and rank == _job.get("sigterm_rank", 1):
                 os.kill(os.getpid(), signal.SIGTERM)
+            if _job.get("kill_at") == step and rank == _job.get("sigterm_rank", 1):
+                os.kill(os.getpid(), signal.SIGKILL)
 
         cls.after_optimizer_step = after
         checksums.pop("last", None)
         try:
-            rc = train_main(cls, job["args"])
+            node = os.environ.get("GROUP_RANK", "0")
+            rc = train_main(cls, [a.replace("{node}", node) for a in job["args"]])
         finally:
             cls.after_optimizer_step = real_step
-        print(f"RESULT {job['name']} rank {rank} rc {rc} checksum {checksums.get('last', float('nan')):.12e}",
-              flush=True)
+        from diffusers_npu.train.ranks import group_timeout_s
+
+        print(f"RESULT {job['name']} rank {rank} rc {rc} checksum {checksums.get('last', float('nan')):.12e} "
+              f"timeout {group_timeout_s()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _torchrun(tmp_path, jobs, port):
                         WORKER, str(spec)], timeout=1500, ACCELERATE_USE_CPU="true")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     results = {}
-    for name, rank, rc, checksum in re.findall(r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+)$", r.stdout, re.M):
+    for name, rank, rc, checksum in re.findall(r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+) timeout", r.stdout, re.M):
         results.setdefault(name, {})[int(rank)] = (int(rc), float(checksum))
     assert set(results) == {j["name"] for j in jobs}, r.stdout[-3000:]
     return results, r.stdout

@@ -171,10 +171,19 @@ def finish(plan: Plan, log_file: str, result: runner.RunResult, summary_path: st
     return 0
 
 
+def _without_torchrun_traceback(tail):
+    """torchrun ends a failed job with its own ``ChildFailedError`` traceback, which says only that a rank
+    failed; the ranks' lines above it say why (the log file keeps everything)."""
+    starts = [i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")]
+    if starts and any("ChildFailedError" in line for line in tail[starts[-1]:]):
+        tail = tail[:starts[-1]]
+    return tail[-runner.TAIL_LINES:]
+
+
 def _failed(rc: int, log_file: str, result: runner.RunResult, ranks: Optional[dict]) -> int:
     """The failure report: each failing rank's error line (several processes), then the log's last lines."""
     print(f"Training failed (exit code {rc}). Last lines of {log_file}:", file=sys.stderr)
-    for line in result.tail:
+    for line in _without_torchrun_traceback(result.tail):
         print(f"  {line}", file=sys.stderr)
     for r, rec in sorted((ranks or {}).items()):
         if rec.get("rc") and len(ranks) > 1:

@@ -27,6 +27,8 @@ MARKER_RE = re.compile(r"^==== diffusers-npu launch: part (\d+) ")
 RELAY_PREFIXES = ("error:", "CPU threads:")
 RESUMED_RE = re.compile(r"\bresumed from (.+)$", re.IGNORECASE)
 TAIL_LINES = 25
+# kept: enough to hold torchrun's closing traceback too, which the report leaves out
+KEPT_LINES = 100
 
 
 @dataclass
@@ -80,7 +82,7 @@ def execute(command: List[str], env: dict, log_path: str, progress: Progress, co
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     part = count_parts(log_path) + 1
     result = RunResult(returncode=0, part=part)
-    tail = collections.deque(maxlen=TAIL_LINES)
+    tail = collections.deque(maxlen=KEPT_LINES)
     child_env = dict(os.environ, **env)
     child_env["PYTHONUNBUFFERED"] = "1"  # step lines reach the pipe when printed, not when a buffer fills
     with open(log_path, "a", encoding="utf-8") as log:

@@ -101,7 +101,7 @@ def check_same_folder(folder: str, flag: str = "--output_dir") -> None:
     rank = dist.get_rank()
     box = [None]
     if rank == 0:
-        box = [f".same-folder-{uuid.uuid4().hex}"]
+        box = [f".tmp-same-folder-{uuid.uuid4().hex}"]  # .tmp-: collected if left by a kill
         with open(os.path.join(folder, box[0]), "w", encoding="utf-8") as f:
             f.write(socket.gethostname())
             f.flush()
@@ -208,19 +208,33 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def gone_peers() -> List[str]:
-    """The ranks known to have ended: those on this host whose process no longer exists."""
+def _survivors_folder(output_dir: str) -> str:
+    """Where the ranks that saw a peer fail sign in (the shared output folder; ``.tmp-`` folders are collected
+    at the next start), so that a survivor that has already exited is not taken for the one that died."""
+    key = f"{_peers[0][0]}-{_peers[0][1]}" if _peers else "job"
+    return os.path.join(output_dir, f".tmp-survivors-{key}")
+
+
+def gone_peers(output_dir: str) -> List[str]:
+    """The ranks that died: those on this host whose process no longer exists and that did not sign in as
+    survivors (the others of a torn-down job exit soon after the first failure)."""
+    folder = _survivors_folder(output_dir)
+    rank = os.environ.get("RANK", "0")
+    with contextlib.suppress(OSError):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"rank-{rank}"), "w").close()
     here = socket.gethostname()
     me = os.getpid()
-    return [f"rank {r} (host {host}, pid {pid})" for r, (host, pid) in enumerate(_peers)
-            if host == here and pid != me and not _alive(pid)]
+    dead = [r for r, (host, pid) in enumerate(_peers) if host == here and pid != me and not _alive(pid)]
+    return [f"rank {r} (host {_peers[r][0]}, pid {_peers[r][1]})" for r in dead
+            if not os.path.exists(os.path.join(folder, f"rank-{r}"))]
 
 
 def peer_lost_message(output_dir: str, exc: BaseException, step: Optional[int] = None) -> str:
     """The one line (without ``error:``) a surviving rank prints instead of the backend's traceback."""
     from ..checkpoint import resolve_resume
 
-    gone = gone_peers()
+    gone = gone_peers(output_dir)
     if gone:
         who = ", ".join(gone) + (" has" if len(gone) == 1 else " have") + " ended"
     else:

@@ -1,6 +1,6 @@
 """Worker for the multi-process tests: run under ``torchrun``, it trains a list of jobs one after the other in
 ONE process group (saving the interpreter and process-group start-up per job) and prints, per job and rank,
-the exit code and a checksum of the rank's full trained weights.
+the exit code and a checksum of the rank's full trained weights; it exits with the last job's code.
 
     torchrun --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
@@ -34,6 +34,7 @@ def main():
         return real_finish(self, exit_reason)
 
     Trainer.finish = finish
+    rc = 0
     for job in jobs:
         cls = task_class(job["task"])
         real_step = cls.after_optimizer_step
@@ -58,6 +59,11 @@ def main():
               f"timeout {group_timeout_s()}", flush=True)
 
 
+    return rc
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    # The last job's exit code is the process's: torchrun then sees a failed job as a failure (with every
+    # worker at 0 an agent would wait for the others at its exit barrier, minutes when a node has failed).
+    sys.exit(main())

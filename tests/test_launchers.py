@@ -89,7 +89,7 @@ FAKE_TRAINER = textwrap.dedent('''
         print(f"Learning check: {agreement:.1%} of 100 generated digits read as the prompt's digit (...)")
         if agreement < 0.9:
             print(f"Learning check FAILED: {agreement:.1%} < 90.0%")
-    tmp = os.path.join(a.output_dir, "train_summary.json.tmp")
+    tmp = os.path.join(a.output_dir, f"train_summary.json.tmp{os.getpid()}")  # several ranks may write it
     json.dump(summary, open(tmp, "w"))
     os.replace(tmp, os.path.join(a.output_dir, "train_summary.json"))
     sys.exit(4 if summary.get("learning_check", {}).get("passed") is False else 0)

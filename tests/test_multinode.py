@@ -9,9 +9,12 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -160,3 +163,40 @@ def test_two_process_launch_keeps_the_exit_codes_and_writes_the_result_lines(tmp
     assert (f"rank 0 (host {host}) exited 2: error: --train_data_dir: /nonexistent/data is not a folder "
             f"(expected images + metadata.jsonl)") in err.splitlines()
     assert "ChildFailedError" not in err and "Traceback" not in err
+
+
+def test_preemption_of_two_processes_through_the_launcher_exits_0(tmp_path, capsys, monkeypatch):
+    """SIGTERM to the launcher goes to torchrun's workers, not torchrun: they save and exit 0, torchrun exits 0
+    (no SignalException), and the launcher says Pre-empted, exit 0 (the stand-in trainer of test_launchers)."""
+    from test_launchers import FAKE_TRAINER
+
+    from diffusers_npu import launch
+    from diffusers_npu.launch import devices
+
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAINER)
+    monkeypatch.setenv("FAKE_ARGV_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_MODE", "wait_for_term")
+    monkeypatch.setattr(devices, "count_devices", lambda: ("cpu", 2))
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "PORT", "ASCEND_DEVICE_ID"):
+        monkeypatch.delenv(var, raising=False)
+    log = tmp_path / "train_0.log"
+
+    def term_when_both_train():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if log.exists() and log.read_text().count("step 1/6 ") == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=term_when_both_train)
+    sender.start()
+    rc = launch.main(["text_to_image", "--num_devices=2", f"--script={fake}", f"--log_dir={tmp_path}",
+                      f"--output_dir={tmp_path}/o", "--max_train_steps=6", "--learning_check=0"])
+    sender.join()
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert out.splitlines()[-1].startswith("Pre-empted at step 1 of 6: a checkpoint was saved.")
+    text = log.read_text()
+    assert "SignalException" not in text and "ChildFailedError" not in text  # torchrun itself ended cleanly

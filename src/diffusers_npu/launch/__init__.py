@@ -139,7 +139,9 @@ def finish(plan: Plan, log_file: str, result: runner.RunResult, summary_path: st
         return rc
     summary = report.read_fresh_summary(summary_path, before)
     if (summary or {}).get("exit_reason") == "preempted" or (result.preempted_line and summary is None):
-        if rc == 0 or result.forwarded_signal:
+        # torchrun exits 1 when a signal reached it, although every rank saved and exited 0
+        ranks_saved = bool(ranks) and not any(rec.get("rc") for rec in ranks.values())
+        if rc == 0 or result.forwarded_signal or ranks_saved:
             at = f" at step {summary.get('steps')} of {summary.get('max_train_steps')}" if summary else ""
             print(f"Pre-empted{at}: a checkpoint was saved. Rerun the same command to continue "
                   f"(the log is appended to: {log_file}).")

@@ -28,7 +28,8 @@ def run_once(nproc: int, workdir: str, target: str) -> dict:
     out = os.path.join(workdir, target)
     cmd = [sys.executable, "-m", "diffusers_npu.launch", "text_to_image", f"--num_devices={nproc}",
            f"--log_dir={out}", f"--output_dir={out}/o", "--batch_size=2", "--max_train_steps=10000",
-           "--learning_check=0", "--", "--report_to=none", "--use_ema", "--checkpointing_steps=100000"]
+           "--learning_check=0", "--", "--report_to=none", "--use_ema", "--checkpointing_steps=100000",
+           "--log_every=1"]  # the save starts at the next step, not up to --log_every steps later
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "src"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     log = os.path.join(out, "train_0.log")

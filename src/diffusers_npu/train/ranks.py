@@ -230,7 +230,7 @@ def gone_peers(output_dir: str) -> List[str]:
             if not os.path.exists(os.path.join(folder, f"rank-{r}"))]
 
 
-def peer_lost_message(output_dir: str, exc: BaseException, step: Optional[int] = None) -> str:
+def peer_lost_message(output_dir: str, exc: BaseException) -> str:
     """The one line (without ``error:``) a surviving rank prints instead of the backend's traceback."""
     from ..checkpoint import resolve_resume
 
@@ -240,7 +240,6 @@ def peer_lost_message(output_dir: str, exc: BaseException, step: Optional[int] =
     else:
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         who = f"a peer rank left or stopped answering (a rank on another node, or stuck; the backend said: {text})"
-    at = f" at step {step}" if step is not None else ""
     try:
         latest = resolve_resume("latest", output_dir)
     except Exception:  # a damaged newest checkpoint: resolve_resume names it when the rerun reaches it
@@ -250,7 +249,7 @@ def peer_lost_message(output_dir: str, exc: BaseException, step: Optional[int] =
                 f"--resume_from_checkpoint latest) to continue from it")
     else:
         then = f"there is no complete checkpoint in {output_dir} yet: a rerun starts from the beginning"
-    return f"the job lost a process{at}: {who}; {then}"
+    return f"the job lost a process: {who}; {then}"
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "EXIT_DIR_ENV", "check_same_folder", "group_timeout_s", "is_peer_failure",

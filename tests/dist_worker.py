@@ -5,14 +5,16 @@ the exit code, the engine that really trained and a checksum of what this rank h
     torchrun --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
 ``JOBS.json``: ``[{"name": ..., "task": ..., "args": [...], "sigterm_at": step or null, "sigterm_rank": r,
-"nan_at": step or null, "nan_rank": r}]``. A job with ``sigterm_at`` sends SIGTERM to this process on rank
+"nan_at": step or null, "nan_rank": r, "kill_at": step or null}]``. A job with ``sigterm_at`` sends SIGTERM to this process on rank
 ``sigterm_rank`` (default 1) right after that optimizer step, like a pre-emption that reaches one rank first.
-A job with ``nan_at`` makes the loss NaN on rank ``nan_rank`` (default 1) only, in that optimizer step.
+A job with ``kill_at`` sends SIGKILL instead (a rank that dies). ``{node}`` in an argument becomes this
+process's node rank (``GROUP_RANK``), for node-local folders. A job with ``nan_at`` makes the loss NaN on rank ``nan_rank`` (default 1) only, in that optimizer step.
 
 The checksum is of the rank's LOCAL data (float64 sum of every trained parameter as the rank holds it: the
 whole tensor under DDP / ZeRO-2, its own shard under FSDP / ZeRO-3), taken without any collective: replicas
 must agree rank by rank, and shards must add up to the saved model. ``engine`` is Engine.running(), read from
 the prepared module, and ``module`` its class.
+Each RESULT line also gives the process group's timeout (``timeout S``); the process exits with the last job's code.
 """
 import json
 import os
@@ -46,6 +48,7 @@ def main():
         return real_finish(self, exit_reason)
 
     Trainer.finish = finish
+    rc = 0
     for job in jobs:
         cls = task_class(job["task"])
         real_step = cls.after_optimizer_step
@@ -55,6 +58,8 @@ def main():
             _real(self, step)
             if _job.get("sigterm_at") == step and rank == _job.get("sigterm_rank", 1):
                 os.kill(os.getpid(), signal.SIGTERM)
+            if _job.get("kill_at") == step and rank == _job.get("sigterm_rank", 1):
+                os.kill(os.getpid(), signal.SIGKILL)
 
         def build(self, _real=real_build, _job=job):
             module = _real(self)
@@ -75,14 +80,21 @@ def main():
         cls.build_module = build
         seen.clear()
         try:
-            rc = train_main(cls, job["args"])
+            node = os.environ.get("GROUP_RANK", "0")
+            rc = train_main(cls, [a.replace("{node}", node) for a in job["args"]])
         finally:
             cls.after_optimizer_step = real_step
             cls.build_module = real_build
+        from diffusers_npu.train.ranks import group_timeout_s
+
         print(f"RESULT {job['name']} rank {rank} rc {rc} checksum {seen.get('checksum', float('nan')):.12e} "
-              f"engine {seen.get('engine', '-')} module {seen.get('module', '-')}", flush=True)
+              f"engine {seen.get('engine', '-')} module {seen.get('module', '-')} timeout {group_timeout_s()}",
+              flush=True)
+    return rc
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    # The last job's exit code is the process's: torchrun then sees a failed job as a failure (with every
+    # worker at 0 an agent would wait for the others at its exit barrier, minutes when a node has failed).
+    sys.exit(main())

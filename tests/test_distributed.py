@@ -31,7 +31,7 @@ def _torchrun(tmp_path, jobs, port):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     results, engines = {}, {}
     for name, rank, rc, checksum, engine, module in re.findall(
-            r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+) engine (\S+) module (\S+)$", r.stdout, re.M):
+            r"^RESULT (\S+) rank (\d) rc (\d+) checksum (\S+) engine (\S+) module (\S+) timeout \S+$", r.stdout, re.M):
         results.setdefault(name, {})[int(rank)] = (int(rc), float(checksum))
         engines.setdefault(name, set()).add((engine, module))
     assert set(results) == {j["name"] for j in jobs}, r.stdout[-3000:]

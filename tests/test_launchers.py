@@ -89,7 +89,7 @@ FAKE_TRAINER = textwrap.dedent('''
         print(f"Learning check: {agreement:.1%} of 100 generated digits read as the prompt's digit (...)")
         if agreement < 0.9:
             print(f"Learning check FAILED: {agreement:.1%} < 90.0%")
-    tmp = os.path.join(a.output_dir, "train_summary.json.tmp")
+    tmp = os.path.join(a.output_dir, f"train_summary.json.tmp{os.getpid()}")  # several ranks may write it
     json.dump(summary, open(tmp, "w"))
     os.replace(tmp, os.path.join(a.output_dir, "train_summary.json"))
     sys.exit(4 if summary.get("learning_check", {}).get("passed") is False else 0)
@@ -204,14 +204,13 @@ def test_8_devices_x_2_nodes_dry_run_prints_the_exact_commands(mode, on, capsys,
     distributed = ["--distributed=deepspeed", f"--zero_stage={mode[-1]}"] if mode.startswith("deep") else \
         [f"--distributed={mode}"]
     argv = ["text_to_image", "--variant=full_8p_text_to_image_sd2-1_fp16", "--dry_run=1", "--model_name=/m/sd21",
-            f"--log_dir={tmp_path}", *distributed]
+            f"--log_dir={tmp_path}", "--output_dir=/shared/sd21", *distributed]
     flags = ["--pretrained_model_name_or_path=/m/sd21", "--dataset_name=lambdalabs/pokemon-blip-captions",
              "--resolution=768", "--train_batch_size=4", "--mixed_precision=fp16", "--center_crop", "--random_flip",
              "--lr_scheduler=constant", "--lr_warmup_steps=0", "--learning_rate=1e-05", "--max_grad_norm=1",
              "--dataloader_num_workers=8", "--enable_pin_memory", "--enable_persistent_workers",
-             "--attention=upcast", "--max_train_steps=15000", "--checkpointing_steps=5000", *distributed,
-             f"--output_dir={tmp_path}/StableDiffusion_sd2-1_text_to_image_fp16",
-             "--resume_from_checkpoint=latest", "--disable_progress_bar"]
+             "--attention=upcast", "--max_train_steps=15000", "--checkpointing_steps=5000",
+             "--output_dir=/shared/sd21", *distributed, "--resume_from_checkpoint=latest", "--disable_progress_bar"]
     if mode == "deepspeed2":  # stage 2 is said explicitly even when only --distributed=deepspeed is given
         argv.remove("--zero_stage=2")
         flags.remove("--zero_stage=2")
@@ -222,13 +221,14 @@ def test_8_devices_x_2_nodes_dry_run_prints_the_exact_commands(mode, on, capsys,
                 "1", "--master_addr", "10.0.0.1", "--master_port", "29600",
                 os.path.join(REPO, EXAMPLE["text_to_image"]), *flags]
 
-    # On an 8-device NPU node: exactly one command, for 16 processes in all.
+    # On an 8-device NPU node: exactly one command, for 16 processes in all, with torchrun's pre-emption window
+    # widened from 30 s.
     on("npu", 8)
     rc, out, _ = run_launcher(argv, capsys)
     assert rc == 0
     assert out.splitlines()[0] == ("Network=StableDiffusion_sd2-1_text_to_image_fp16 devices/node=8 nodes=2 "
                                    "world=16 device=npu")
-    assert shlex.split(line_after(out, "Launch: ")) == torchrun(8)
+    assert shlex.split(line_after(out, "Launch: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 ")) == torchrun(8)
     assert "it would run" not in out
     if mode.startswith("deepspeed"):
         from diffusers_npu.train.engine import deepspeed_config
@@ -246,10 +246,18 @@ def test_8_devices_x_2_nodes_dry_run_prints_the_exact_commands(mode, on, capsys,
     rc, out, _ = run_launcher(argv, capsys)
     assert rc == 0
     assert "Note: 8 devices requested, 2 usable CPU cores on this node; using 2." in out
-    assert line_after(out, "Launch: ").startswith("ACCELERATE_USE_CPU=true ")
-    assert shlex.split(line_after(out, "Launch: ACCELERATE_USE_CPU=true ")) == torchrun(2)
-    assert shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: ")) == torchrun(8)
+    env = "ACCELERATE_USE_CPU=true TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 "
+    assert shlex.split(line_after(out, "Launch: " + env)) == torchrun(2)
+    assert shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 ")) \
+        == torchrun(8)
     assert ("DeepSpeed config" in out) == mode.startswith("deepspeed")
+
+    # Several nodes write into ONE folder: the default under --log_dir is node-local, so it is refused.
+    rc, out, err = run_launcher([a for a in argv if not a.startswith("--output_dir")], capsys)
+    assert rc == 2 and err.strip() == (
+        "error: --output_dir is required with several nodes (nodes=2): give a folder on a filesystem every node "
+        f"mounts at the same path (NFS, Lustre, ...); the default {tmp_path}/StableDiffusion_sd2-1_text_to_image_fp16 "
+        "is on this node's own disk")
 
 
 def test_cli_subcommand_passes_flags_after_double_dash(on, capsys, tmp_path):
@@ -588,13 +596,14 @@ def test_sdxl_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default(on, 
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("PORT", "29600")
     rc, out, _ = run_launcher(["text_to_image_sdxl", "--num_devices=8", "--model_name=/models/sdxl",
-                               "--dataset_name=/data/pokemon", "--mixed_precision=fp16", "--dry_run"], capsys)
+                               "--dataset_name=/data/pokemon", "--mixed_precision=fp16", "--dry_run",
+                               "--output_dir=/shared/sdxl"], capsys)
     assert rc == 0
     command = shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: "))
     assert command[command.index("--nproc_per_node") + 1] == "8" and "--nnodes" in command
     assert "--distributed=fsdp" in command and "--resolution=1024" in command and "--train_batch_size=24" in command
-    rc, out, _ = run_launcher(["text_to_image_lora_sdxl", "--num_devices=8", "--model_name=/models/sdxl", "--dry_run"],
-                              capsys)
+    rc, out, _ = run_launcher(["text_to_image_lora_sdxl", "--num_devices=8", "--model_name=/models/sdxl", "--dry_run",
+                               "--output_dir=/shared/lora"], capsys)
     assert rc == 0 and "--distributed=ddp" in shlex.split(line_after(out, "Launch: "))
 
 

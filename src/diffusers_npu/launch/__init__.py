@@ -7,12 +7,17 @@ lines and writes ``<log_dir>/<CaseName>.log`` from the trainer's ``train_summary
 ``python -m diffusers_npu.launch`` and what every ``test/*.sh`` script calls. See docs/launching.md.
 
 Exit status: the trainer's -- 0 done (or pre-empted: rerun to continue), 2 bad input, 3 training failure,
-4 learning check below ``--learning_check_min``.
+4 learning check below ``--learning_check_min`` -- for any number of processes: torchrun reports any failing
+rank as 1, so each rank records its own code in a folder the launcher names (``$DIFFUSERS_NPU_EXIT_DIR``,
+:func:`diffusers_npu.train.ranks.record_exit`) and the launcher exits with rank 0's, else the lowest failing
+rank's.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 from ..cliutil import ArgumentParser, run_main
@@ -110,32 +115,44 @@ def launch(builder: PlanBuilder, plan: Plan) -> int:
     before = report.mtime_ns(summary_path)
     checking = "--learning_check" in plan.train_args
     done = "All steps done; saving the output" + (" and running the learning check" if checking else "") + "..."
-    result = runner.execute(plan.command(), plan.env, log_file, Progress(sys.stdout, sys.stdout.isatty()),
-                            command_text=plan.shell(), after_last_step=done)
-    return finish(plan, log_file, result, summary_path, before)
+    from ..train.ranks import EXIT_DIR_ENV, read_exits
+
+    exit_dir = tempfile.mkdtemp(prefix="dnpu-exit-")  # the ranks' own exit codes (not part of the command)
+    try:
+        result = runner.execute(plan.command(), dict(plan.env, **{EXIT_DIR_ENV: exit_dir}), log_file,
+                                Progress(sys.stdout, sys.stdout.isatty()), command_text=plan.shell(),
+                                after_last_step=done, workers_of_child=plan.topology.world > 1)
+        ranks = read_exits(exit_dir)
+    finally:
+        shutil.rmtree(exit_dir, ignore_errors=True)
+    return finish(plan, log_file, result, summary_path, before, ranks)
 
 
-def finish(plan: Plan, log_file: str, result: runner.RunResult, summary_path: str, before) -> int:
+def finish(plan: Plan, log_file: str, result: runner.RunResult, summary_path: str, before,
+           ranks: Optional[dict] = None) -> int:
+    from ..train.ranks import job_exit_code
+
     rc = result.returncode if result.returncode >= 0 else 128 - result.returncode  # killed by a signal
+    rc = job_exit_code(ranks or {}, rc)  # torchrun says 1 for any failing rank; the ranks said why
     if plan.topology.node_rank != 0:
         print(f"Node {plan.topology.node_rank} finished (exit code {rc}); node 0 writes the summary.")
         return rc
     summary = report.read_fresh_summary(summary_path, before)
     if (summary or {}).get("exit_reason") == "preempted" or (result.preempted_line and summary is None):
-        if rc == 0 or result.forwarded_signal:
+        # torchrun exits 1 when a signal reached it, although every rank saved and exited 0
+        ranks_saved = bool(ranks) and not any(rec.get("rc") for rec in ranks.values())
+        if rc == 0 or result.forwarded_signal or ranks_saved:
             at = f" at step {summary.get('steps')} of {summary.get('max_train_steps')}" if summary else ""
             print(f"Pre-empted{at}: a checkpoint was saved. Rerun the same command to continue "
                   f"(the log is appended to: {log_file}).")
             return 0
-    if rc not in (0, EXIT_LEARNING_CHECK):
-        print(f"Training failed (exit code {rc}). Last lines of {log_file}:", file=sys.stderr)
-        for line in result.tail:
-            print(f"  {line}", file=sys.stderr)
-        return rc
     if summary is None:
+        if rc != 0:
+            return _failed(rc, log_file, result, ranks)
         print(f"error: training ended (exit code {rc}) but did not write {summary_path}; see {log_file}",
               file=sys.stderr)
-        return 3 if rc == 0 else rc
+        return 3
+    # Training ended and wrote its summary: the result lines and CaseName.log come first, whatever failed later.
     lines = report.result_lines(summary)
     lines += [l for l in result.learning_check if not l.startswith("Learning check FAILED")]
     entries = report.case_entries(summary, plan.network, plan.case_suffix, plan.topology.device)
@@ -148,10 +165,33 @@ def finish(plan: Plan, log_file: str, result: runner.RunResult, summary_path: st
     print("\n".join(lines))
     with open(log_file, "a", encoding="utf-8") as log:  # the log file tells the whole story too
         log.write("\n".join(lines + ([verdict] if verdict else [])) + "\n")
+    if rc not in (0, EXIT_LEARNING_CHECK):
+        return _failed(rc, log_file, result, ranks)
     if verdict:
         print(verdict, file=sys.stderr)
         return EXIT_LEARNING_CHECK
     return 0
+
+
+def _without_torchrun_traceback(tail):
+    """torchrun ends a failed job with its own ``ChildFailedError`` traceback, which says only that a rank
+    failed; the ranks' lines above it say why (the log file keeps everything)."""
+    starts = [i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")]
+    if starts and any("ChildFailedError" in line for line in tail[starts[-1]:]):
+        tail = tail[:starts[-1]]
+    return tail[-runner.TAIL_LINES:]
+
+
+def _failed(rc: int, log_file: str, result: runner.RunResult, ranks: Optional[dict]) -> int:
+    """The failure report: each failing rank's error line (several processes), then the log's last lines."""
+    print(f"Training failed (exit code {rc}). Last lines of {log_file}:", file=sys.stderr)
+    for line in _without_torchrun_traceback(result.tail):
+        print(f"  {line}", file=sys.stderr)
+    for r, rec in sorted((ranks or {}).items()):
+        if rec.get("rc") and len(ranks) > 1:
+            print(f"rank {r} (host {rec.get('host', '?')}) exited {rec['rc']}: {rec.get('error') or '(no message)'}",
+                  file=sys.stderr)
+    return rc
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--master_port", type=_positive_int, default=None, metavar="PORT",
                    help="rendezvous port on node 0; default $PORT, else 29500 (one node without a port: "
                         "torchrun --standalone picks a free one)")
+    g.add_argument("--shutdown_timeout", type=_positive_int, default=None, metavar="SECONDS",
+                   help="torchrun's --shutdown-timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): how long torchrun lets "
+                        "the ranks finish their pre-emption checkpoint, when a signal reaches torchrun itself, "
+                        "before SIGKILL; default 600 (torchrun's own: 30). Signals sent to the launcher go to the "
+                        "ranks directly and are not limited by it")
 
     g = parser.add_argument_group("run")
     g.add_argument("--dry_run", type=_switch, nargs="?", const=True, default=False, metavar="1|0",

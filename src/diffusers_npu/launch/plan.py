@@ -18,6 +18,9 @@ from .options import DATA_OPTIONS, MODELZOO_FLAGS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # Flags that argparse.BooleanOptionalAction defines, so that False can be said explicitly (--no-NAME).
 NEGATABLE = ("learning_check",)
+#: torchrun's grace between forwarding a signal to its workers and SIGKILL (its default is 30 s; an SD-sized
+#: pre-emption checkpoint needs more: see docs/launching.md#pre-emption)
+SHUTDOWN_TIMEOUT_S = 600
 
 
 def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -208,6 +211,11 @@ class PlanBuilder:
             value = getattr(a, option)
             if value is not None:
                 flags[flag] = os.path.abspath(value) if option == "output_dir" else value
+        if self.nnodes > 1 and "output_dir" not in flags and not has_flag(self.passthrough, "output_dir"):
+            # The default is under --log_dir, on this node's disk; every node must write into ONE folder.
+            raise UsageError(f"--output_dir is required with several nodes (nodes={self.nnodes}): give a folder "
+                             f"on a filesystem every node mounts at the same path (NFS, Lustre, ...); the default "
+                             f"{os.path.join(self.log_dir, self.network)} is on this node's own disk")
         flags.setdefault("output_dir", os.path.join(self.log_dir, self.network))
         want_check = a.learning_check if a.learning_check is not None else self.main_job()
         if want_check:
@@ -233,6 +241,8 @@ class PlanBuilder:
         train_args = to_tokens(self.flags(topo.world)) + self.passthrough
         # accelerate launch --cpu --num_processes N runs ONE process; torchrun with this variable runs N (gloo).
         env = {"ACCELERATE_USE_CPU": "true"} if device == "cpu" and topo.world > 1 else {}
+        if topo.world > 1:  # read by torchruns that have --shutdown-timeout (2.14.1 does); older ones keep 30 s
+            env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(self.args.shutdown_timeout or SHUTDOWN_TIMEOUT_S)
         return Plan(task=self.task_cls.name, network=self.network, case_suffix=self.case_suffix, topology=topo,
                     program=self.program(), train_args=train_args, env=env)
 
@@ -247,5 +257,5 @@ def _env_int(env, name: str, default: int) -> int:
         raise UsageError(f"${name} must be a whole number, got {text!r}") from None
 
 
-__all__ = ["NEGATABLE", "REPO_ROOT", "Plan", "PlanBuilder", "Topology", "flag_value", "has_flag", "read_config",
+__all__ = ["NEGATABLE", "REPO_ROOT", "SHUTDOWN_TIMEOUT_S", "Plan", "PlanBuilder", "Topology", "flag_value", "has_flag", "read_config",
            "to_tokens"]

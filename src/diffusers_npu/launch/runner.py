@@ -3,7 +3,10 @@ step lines drive the terminal's progress display, and a few lines are relayed to
 
 The child runs in its own session, so a Ctrl-C or SIGTERM reaches it once, forwarded by the launcher (a
 terminal would otherwise signal the whole process group, and torchrun would pass a second copy to its
-workers): the trainer then saves a checkpoint and exits as pre-empted.
+workers): the trainer then saves a checkpoint and exits as pre-empted. Under torchrun the launcher signals
+torchrun's workers themselves, not torchrun: torchrun, signalled, gives its workers only its shutdown timeout
+(30 s unless ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) before SIGKILL and exits 1 with a ``SignalException``; workers
+signalled directly save for as long as they need, exit 0, and torchrun exits 0 with them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ MARKER_RE = re.compile(r"^==== diffusers-npu launch: part (\d+) ")
 RELAY_PREFIXES = ("error:", "CPU threads:")
 RESUMED_RE = re.compile(r"\bresumed from (.+)$", re.IGNORECASE)
 TAIL_LINES = 25
+# kept: enough to hold torchrun's closing traceback too, which the report leaves out
+KEPT_LINES = 100
 
 
 @dataclass
@@ -50,13 +55,34 @@ def marker(part: int, command_text: str) -> str:
             f"==== command: {command_text}\n")
 
 
+def children(pid: int) -> List[int]:
+    """The direct child processes of ``pid`` (Linux ``/proc``; empty where it cannot be read)."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
 def execute(command: List[str], env: dict, log_path: str, progress: Progress, command_text: str = "",
-            after_last_step: str = "") -> RunResult:
-    """Run ``command`` with ``env`` added to the environment; return its exit status and what was seen."""
+            after_last_step: str = "", workers_of_child: bool = False) -> RunResult:
+    """Run ``command`` with ``env`` added to the environment; return its exit status and what was seen.
+    ``workers_of_child``: the command is torchrun, whose child processes (the ranks) get the signals."""
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     part = count_parts(log_path) + 1
     result = RunResult(returncode=0, part=part)
-    tail = collections.deque(maxlen=TAIL_LINES)
+    tail = collections.deque(maxlen=KEPT_LINES)
     child_env = dict(os.environ, **env)
     child_env["PYTHONUNBUFFERED"] = "1"  # step lines reach the pipe when printed, not when a buffer fills
     with open(log_path, "a", encoding="utf-8") as log:
@@ -67,8 +93,17 @@ def execute(command: List[str], env: dict, log_path: str, progress: Progress, co
 
         def forward(signum, _frame):
             result.forwarded_signal = True
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            if proc.poll() is not None:
+                return
+            sig = signal.SIGTERM if signum == signal.SIGHUP else signum
+            ranks = children(proc.pid) if workers_of_child else []
+            for pid in ranks:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if not ranks:  # one process, or the ranks are not started yet: torchrun itself
+                proc.send_signal(sig)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -110,4 +145,4 @@ def execute(command: List[str], env: dict, log_path: str, progress: Progress, co
     return result
 
 
-__all__ = ["MARKER_RE", "RunResult", "count_parts", "execute", "marker"]
+__all__ = ["MARKER_RE", "RunResult", "children", "count_parts", "execute", "marker"]

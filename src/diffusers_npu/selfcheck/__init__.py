@@ -45,7 +45,7 @@ def environment(device: str) -> dict:
 
 
 def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: int = 10,
-                  workdir: Optional[str] = None, progress=None) -> dict:
+                  workdir: Optional[str] = None, progress=None, nproc: int = 1) -> dict:
     """Run every check on ``device`` (detected when None); returns the report (``results``: Result rows)."""
     from .. import device as dev
     from .numerics import numeric_checks
@@ -66,6 +66,10 @@ def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: in
         checks = [numeric_checks(device)]
         if training:
             checks.append(training_checks(device, workdir, steps=steps))
+        if nproc > 1:  # the multi-process section (distributed.py)
+            from .distributed import distributed_checks
+
+            checks.append(distributed_checks(device, nproc, workdir))
         for group in checks:
             for result in group:
                 results.append(result)
@@ -97,6 +101,10 @@ def configure_parser(parser) -> None:
     parser.add_argument("--skip_training", action="store_true",
                         help="run only the numeric checks (attention, optimizers, clipping, fp16 scaling)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per training run (default: 10)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="also run the multi-process section on N processes (torchrun; gloo on CPU): DDP, "
+                             "FSDP and DeepSpeed training steps against one process with the same global batch, "
+                             "and an all-reduce bandwidth figure (default 1: skipped; at most 8)")
     parser.add_argument("--workdir", default=None, metavar="DIR",
                         help="keep the tiny model, data and training outputs here (default: a temporary "
                              "folder, removed at the end)")
@@ -108,6 +116,8 @@ def _main(args) -> int:
 
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1 (got {args.steps})")
+    if not 1 <= args.nproc <= 8:  # the check's data set has 8 images, one per process and step
+        raise UsageError(f"--nproc must be between 1 and 8 (got {args.nproc})")
     device = None if args.device in (None, "auto") else args.device
     try:
         from .. import device as dev
@@ -120,7 +130,7 @@ def _main(args) -> int:
         print(f"  {r.result:<4} {r.check} ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
 
     report = run_selfcheck(device, training=not args.skip_training, steps=args.steps, workdir=args.workdir,
-                           progress=progress)
+                           progress=progress, nproc=args.nproc)
     env = report["environment"]
     print(f"diffusers-npu self-check on {env['device']} ({env['device_name']}); {report.get('cpu_threads', '')}"
           .rstrip("; "))

@@ -2,7 +2,7 @@
 diffusers_npu.train``.
 
 ``main(task, argv)`` parses the task's flags (defaults <- ``--config`` <- command line), prepares the embedded
-offline model and data set when the run uses them (on one process per node, the others wait), resolves the
+offline model and data set when the run uses them (one writer first, the others wait), resolves the
 device-dependent defaults (:func:`~diffusers_npu.train.config.resolve_defaults`), runs the
 :class:`~diffusers_npu.train.loop.Trainer`, and turns known failures into one ``error:`` line and an exit code:
 0 done (or pre-empted after saving), 2 bad input, 3 training failure, 4 learning check below threshold,
@@ -48,12 +48,12 @@ def prepare_args(task_cls, argv=None, prog=None):
         atexit.register(_destroy_process_group)
     paths = None
     if needs_embedded(args, task_cls):
-        from accelerate import PartialState
+        from .ranks import process_state, writers_first
 
-        # One process per node builds the embedded model and data set (a cold cache would otherwise be
-        # written by every rank at once); the others wait and then read it.
-        state = PartialState(cpu=kind == "cpu")
-        with state.local_main_process_first():
+        # One writer builds the embedded model and data set (the global main process; then each other node's
+        # main process, which finds it already there when the home folder is shared); the others wait and read.
+        state = process_state(kind, args.nccl_timeout)
+        with writers_first(state.is_main_process, state.is_local_main_process, state.wait_for_everyone):
             paths = task_cls.prepare_embedded(progress=state.is_local_main_process and sys.stdout.isatty())
     return resolve_defaults(args, device_info(kind, world), paths, task_cls)
 
@@ -85,7 +85,15 @@ def run(task, argv=None) -> dict:
         args = prepare_args(task_cls, argv)
     finally:
         startup.restore()
-    return Trainer(args, task_cls, started=started).run()
+    try:
+        return Trainer(args, task_cls, started=started).run()
+    except Exception as exc:
+        from ..errors import TrainingError
+        from .ranks import is_peer_failure, peer_lost_message
+
+        if is_peer_failure(exc):  # one line instead of the backend's traceback
+            raise TrainingError(peer_lost_message(args.output_dir, exc)) from None
+        raise
 
 
 class _CurrentStdout(logging.StreamHandler):
@@ -126,16 +134,27 @@ def main(task, argv=None) -> int:
     from ..errors import DiffusersNpuError, one_line
     from .preemption import Interrupted
 
+    from .ranks import record_exit
+
     configure_logging()
     try:
         summary = run(task, argv)
     except DiffusersNpuError as e:
+        record_exit(e.exit_code, one_line(e))  # first: torchrun may stop this process once it has failed
         print(one_line(e), file=sys.stderr, flush=True)
         return e.exit_code
     except Interrupted as e:
         note = getattr(e, "note", None) or "nothing was trained yet"
+        record_exit(e.exit_code, f"error: stopped by {e}")
         print(f"error: stopped by {e}; {note}", file=sys.stderr, flush=True)
         return e.exit_code
+    except SystemExit as e:  # --help, argparse
+        record_exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
+    except BaseException as e:  # a bug: Python prints the traceback and exits 1
+        record_exit(1, f"error: {type(e).__name__}: {e}"[:300])
+        raise
+    record_exit(0)
     if summary.get("exit_reason") == "preempted" and os.environ.get("RANK", "0") == "0":
         print("Pre-empted: checkpoint saved; rerun the same command (with --resume_from_checkpoint latest) to "
               "continue.", flush=True)

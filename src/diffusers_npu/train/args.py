@@ -16,6 +16,8 @@ import argparse
 from ..cliutil import (ArgumentParser, multiple_of_8, nonneg_float, nonneg_int, number, positive_float,
                        positive_int, unit_float)
 
+from .ranks import DEFAULT_TIMEOUT_S
+
 DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
 
@@ -159,6 +161,11 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
                    help="engine for several processes: ddp (replicated, overlapped all-reduce), fsdp (sharded "
                         "parameters, gradients and optimizer state), deepspeed (ZeRO, --zero_stage)")
     g.add_argument("--zero_stage", type=int, default=2, choices=[2, 3], help="DeepSpeed ZeRO stage")
+    g.add_argument("--nccl_timeout", type=positive_int, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a collective may wait for the other ranks before the job fails, for every "
+                        "backend (NCCL, HCCL, gloo; upstream's name). Long single-process phases (class images, "
+                        "validation, the learning check, the final save) keep the other ranks waiting; torch's "
+                        f"defaults (600 s NCCL, 1800 s gloo) can kill such a run. Default {DEFAULT_TIMEOUT_S}")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="set by old launchers (torch.distributed.launch); the LOCAL_RANK variable wins")
     g.add_argument("--attention", default=None, choices=["auto", "flash", "upcast", "default"],

@@ -19,15 +19,14 @@ logger = logging.getLogger(__name__)
 
 def runtime_and_precision(t) -> None:
     """Device settings, threads, the engine, the Runtime the task sees, the precision policy, and the model seed."""
-    from accelerate import PartialState
-
     from .. import device as dev
     from .engine import Engine
     from .precision import Precision
+    from .ranks import process_state
     from .task import Runtime
 
     a = t.args
-    state = PartialState(cpu=a.device == "cpu")
+    state = process_state(a.device, a.nccl_timeout)
     dev.apply_device_settings(a.device, allow_tf32=a.allow_tf32)
     if a.device == "cpu":
         t.threads_note = dev.configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))[1]
@@ -177,10 +176,16 @@ def trackers(t) -> None:
 
 
 def output_folder(t) -> None:
-    """Check --output_dir is writable and collect what killed runs left there (main process)."""
+    """Check --output_dir is writable, that every rank sees the same folder (several nodes need a shared
+    filesystem), and collect what killed runs left there (main process)."""
+    from .ranks import check_same_folder
+
     a, rt = t.args, t.rt
     if rt.is_main:
         ckpt.check_writable(a.output_dir)
+    rt.barrier()
+    check_same_folder(a.output_dir)
+    if rt.is_main:
         for path in ckpt.collect_stale(a.output_dir):
             logger.info("removed what an interrupted run left behind: %s", path)
     rt.barrier()

@@ -19,7 +19,6 @@ Capabilities are typed class attributes, declared once. A task registers itself 
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Optional
 
@@ -48,17 +47,13 @@ class Runtime:
         if self.ledger is not None:
             self.ledger.done(final=path)
 
-    @contextlib.contextmanager
-    def local_main_first(self):
-        """Run the body on the local main process first (it builds caches, writes shared files), then on the
-        others; everybody leaves together."""
-        if not self.is_local_main:
-            self.barrier()
-        try:
-            yield
-        finally:
-            if self.is_local_main:
-                self.barrier()
+    def writers_first(self):
+        """Run the body on the global main process first, then on each other node's main process, then on the
+        rest; everybody leaves together. A body that writes only on ``is_local_main`` and only what is missing
+        gives a shared folder one writer (see :func:`diffusers_npu.train.ranks.writers_first`)."""
+        from .ranks import writers_first
+
+        return writers_first(self.is_main, self.is_local_main, self.barrier)
 
 
 class Task(abc.ABC):

@@ -273,7 +273,7 @@ class DreamBoothTask(DiffusionTask):
         if a.instance_data_dir:
             return list_images(a.instance_data_dir, "--instance_data_dir")
         folder = os.path.join(a.output_dir, "instance_images")
-        with rt.local_main_first():
+        with rt.writers_first():
             if rt.is_local_main:
                 write_images(source_images(a, "--instance_data_dir", NUM_DEFAULT_INSTANCES), folder)
                 rt.finished(folder)
@@ -281,10 +281,10 @@ class DreamBoothTask(DiffusionTask):
         return list_images(folder, "instance images")
 
     def class_images(self) -> List[str]:
-        """The class images, generating (on the local main process) only those missing from the folder."""
+        """The class images, generating (one writer first: see Runtime.writers_first) only those missing."""
         a, rt = self.args, self.rt
         self.class_generated = 0
-        with rt.local_main_first():
+        with rt.writers_first():
             have = list_images(a.class_data_dir, "--class_data_dir", allow_empty=True)
             missing = a.num_class_images - len(have)
             if missing > 0 and rt.is_local_main:

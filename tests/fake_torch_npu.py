@@ -159,7 +159,9 @@ class FakeTorchNpu(types.ModuleType):
         if not self_.kernel_on_this_soc():
             raise RuntimeError(f"npu_fusion_attention: FlashAttentionScore is not supported on {soc} "
                                f"(torch_npu {self_.__version__})")
-        if query.dtype not in _HALF or key.dtype != query.dtype or value.dtype != query.dtype:
+        # fp32 only from torch_npu's own SDPA (current API pages list float32; older ones did not)
+        allowed = _HALF + ((torch.float32,) if self_._via == "sdpa" else ())
+        if query.dtype not in allowed or key.dtype != query.dtype or value.dtype != query.dtype:
             raise TypeError(f"npu_fusion_attention takes float16/bfloat16 q/k/v of one dtype, got "
                             f"{query.dtype}/{key.dtype}/{value.dtype}")
         if input_layout != "BNSD":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -147,6 +148,61 @@ def test_env_npu_finds_cann_from_the_install_info(tmp_path, layouts, chosen):
     assert r.stdout.split() == [chosen, str(tmp_path / "Ascend" / chosen / "set_env.sh")]
 
 
+# What CANN's own set_env.sh does: expands the variables it extends without a default (set -u kills it).
+CANN_LIKE_SET_ENV = """export ASCEND_TOOLKIT_HOME=/opt/fake-cann
+export LD_LIBRARY_PATH=${ASCEND_TOOLKIT_HOME}/lib64:$LD_LIBRARY_PATH
+export PYTHONPATH=${ASCEND_TOOLKIT_HOME}/python/site-packages:$PYTHONPATH
+export DNPU_TEST_CANN=sourced
+"""
+
+
+def _cann_like(root):
+    (root / "Ascend" / "ascend-toolkit").mkdir(parents=True)
+    (root / "Ascend" / "ascend-toolkit" / "set_env.sh").write_text(CANN_LIKE_SET_ENV)
+    info = root / "ascend_cann_install.info"
+    info.write_text(f"Install_Path={root / 'Ascend'}\n")
+    return str(info)
+
+
+def _env_without(*names):
+    return {k: v for k, v in os.environ.items() if k not in names + ("DIFFUSERS_NPU_DEVICE", "ASCEND_TOOLKIT_HOME")}
+
+
+def test_env_npu_survives_set_u_with_a_cann_set_env_expanding_unset_variables(tmp_path):
+    info = _cann_like(tmp_path)
+    script = 'set -u; source test/env_npu.sh; echo "u=${-//[^u]/} $DNPU_TEST_CANN $LD_LIBRARY_PATH"'
+    env = dict(_env_without("LD_LIBRARY_PATH", "PYTHONPATH"), DIFFUSERS_NPU_CANN_INFO=info, HOME=str(tmp_path))
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["u=u", "sourced", "/opt/fake-cann/lib64:"]  # and -u is on again afterwards
+    # the control: the same set_env.sh under set -u without env_npu.sh's guard dies as the issue says
+    bare = subprocess.run(["bash", "-c", f"set -u; source {tmp_path}/Ascend/ascend-toolkit/set_env.sh"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "unbound variable" in bare.stderr
+
+
+def _exported_by_env_npu():
+    text = open(os.path.join(REPO, "test", "env_npu.sh"), encoding="utf-8").read()
+    return sorted(set(re.findall(r"^export ([A-Z_]+)=", text, re.M)) - {"DIFFUSERS_NPU_CANN_ENV"})
+
+
+def test_env_npu_keeps_every_exported_variable_and_guesses_no_hccl_if_ip(tmp_path):
+    names = _exported_by_env_npu()
+    assert {"TASK_QUEUE_ENABLE", "HCCL_CONNECT_TIMEOUT", "PYTORCH_NPU_ALLOC_CONF"} <= set(names)
+    mine = {name: f"user-{i}" for i, name in enumerate(names + ["HCCL_IF_IP"])}
+    show = "; ".join(f'echo "{n}=${{{n}-unset}}"' for n in mine)
+    base = dict(_env_without(*mine), DIFFUSERS_NPU_CANN_INFO=str(tmp_path / "none"), HOME=str(tmp_path))
+    r = subprocess.run(["bash", "-c", f"set -u; source test/env_npu.sh; {show}"], cwd=REPO,
+                       env=dict(base, **mine), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [f"{n}={v}" for n, v in mine.items()]  # every exported value kept
+    r = subprocess.run(["bash", "-c", f"source test/env_npu.sh; {show}"], cwd=REPO, env=base,
+                       capture_output=True, text=True, timeout=60)
+    got = dict(line.split("=", 1) for line in r.stdout.split())
+    assert got["HCCL_IF_IP"] == "unset"  # HCCL chooses its own interface
+    assert got["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+
+
 def test_env_npu_is_loud_when_torch_npu_has_no_device(tmp_path):
     pkg = tmp_path / "pkg" / "torch_npu"
     pkg.mkdir(parents=True)
@@ -179,10 +235,14 @@ def test_npu_selfcheck_script(tmp_path):
 
 @pytest.mark.slow
 def test_the_whole_npu_selfcheck_passes_on_cpu(tmp_path):
-    """Issue #10's acceptance: `bash test/npu_selfcheck.sh` with its training runs passes in CI on CPU."""
+    """Issue #10's acceptance: `bash test/npu_selfcheck.sh` with its training runs passes in CI on CPU -- and
+    issue #20's: with a CANN-like set_env.sh that expands unset variables, found where env_npu.sh looks,
+    and LD_LIBRARY_PATH and PYTHONPATH unset."""
     path = tmp_path / "full.json"
-    r = _bash(f"bash test/npu_selfcheck.sh --device cpu --json {path}",
-              {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"}, timeout=900)
+    env = dict(_env_without("LD_LIBRARY_PATH", "PYTHONPATH"), DIFFUSERS_NPU_CANN_INFO=_cann_like(tmp_path),
+               HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "-c", f"bash test/npu_selfcheck.sh --device cpu --json {path}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(path.read_text())
     assert report["all_passed"] and report["counts"]["pass"] > N_NUMERIC  # the training rows ran too

@@ -106,5 +106,16 @@ def test_npu_fp16_uses_torch_npus_scaler(monkeypatch, sharded):
 
     fake = install(monkeypatch)
     precision = Precision("fp16", types.SimpleNamespace(type="npu"), sharded=sharded)
-    expected = fake.npu.amp.sharded_grad_scaler.ShardedGradScaler if sharded else fake.npu.amp.GradScaler
+    expected = fake.npu.amp.sharded_grad_scaler._ShardedGradScaler if sharded else fake.npu.amp.GradScaler
     assert type(precision.scaler) is expected
+
+
+def test_inference_benchmark_refuses_channels_last_on_npu(monkeypatch):
+    """Issue #20 item 8: like training, the inference benchmark refuses --channels_last on for NPU, before
+    building anything."""
+    from diffusers_npu.benchmark import infer
+
+    fake = install(monkeypatch)
+    with pytest.raises(SystemExit, match="--channels_last on is not supported on NPU"):
+        infer.main(["--device", "npu", "--channels_last", "on"])
+    assert fake.calls_named("refused") == []  # refused by the flag check, not by the stand-in's memory-format rule

@@ -328,6 +328,7 @@ def _make_grad_scalers(owner):
             super().__init__(init_scale, growth_factor, backoff_factor, growth_interval, True, enabled)
             self._device = device
 
+    GradScaler.__module__ = "torch_npu.npu.amp.grad_scaler"  # where the real classes live
     _ShardedGradScaler.__module__ = "torch_npu.npu.amp.sharded_grad_scaler"
     return GradScaler, _ShardedGradScaler
 

@@ -22,7 +22,8 @@ from diffusers_npu.selfcheck.result import Result, format_table
 from fake_torch_npu import SOC_910A, install
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_NUMERIC = 4 * 3 + 1 + 3 + 2 + 3  # attention modes x dtypes, overflow, optimizers, clips, scaler steps
+N_NUMERIC = 1 + 4 * 3 + 1 + 3 + 1 + 2 + 3  # fp32, attention modes x dtypes, overflow, optimizers, resume, clips,
+N_REALSIZE = 4                              # scaler steps; real-size attention x 2 dtypes, fused kernel, UNet step
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +55,15 @@ def test_numeric_checks_pass_on_cpu():
 def test_numeric_checks_drive_the_npu_paths_through_the_stand_in(monkeypatch, soc):
     """With torch_npu's stand-in, the same checks run the NPU code: fusion attention (where the SoC has it),
     NpuFusedAdamW and its fused clip, npu_apply_adam_w -- and every call passes the stand-in's rules."""
+    from diffusers_npu import device as dev
+
     fake = install(monkeypatch, soc_version=soc)
+    dev.apply_device_settings("npu")  # what the self-check does first on an NPU (910A: keep fp32)
     results = list(numerics.numeric_checks("cpu"))
     assert [(r.check, r.note) for r in results if r.result != "pass"] == []
+    assert [r.check for r in results if r.fallback] == []  # every NPU path ran: nothing marked *
     rows = by_name(results)
+    assert rows["optimizer fused_adamw resumed from a checkpoint vs uninterrupted"].note.startswith("NpuFusedAdamW")
     flash = rows["attention flash fp16 (self+cross, masks)"].note
     if soc == 221:
         assert "npu_fusion_attention x6" in flash and fake.calls_named("npu_fusion_attention")
@@ -67,6 +73,53 @@ def test_numeric_checks_drive_the_npu_paths_through_the_stand_in(monkeypatch, so
     assert rows["clip fused_adamw vs clip_grad_norm_"].note.startswith("fused clip_grad_norm_fused_")
     assert len(fake.calls_named("npu_apply_adam_w")) >= 20 * 4  # 20 steps x 4 tensors of the small model
     assert "on the host" in rows["fp16 overflow step through the GradScaler (megatron_adamw)"].note
+
+
+def test_fp32_rows_fail_when_the_device_computes_fp32_in_fp16(monkeypatch):
+    """Issue #20 item 4: a 910A left at torch_npu's default (allow_fp32_to_fp16; the stand-in then rounds fp32
+    matmuls to fp16) fails the fp32 rows; the project's device settings make them pass."""
+    from diffusers_npu import device as dev
+
+    fake = install(monkeypatch, soc_version=SOC_910A)
+    rows = by_name(numerics.numeric_checks("cpu"))
+    fp32_rows = ["fp32 matmul/linear stay fp32 (vs float64)", "attention auto fp32 (self+cross, masks)",
+                 "attention default fp32 (self+cross, masks)"]
+    assert [rows[n].result for n in fp32_rows] == ["FAIL"] * 3, [rows[n].max_error for n in fp32_rows]
+    assert fake.calls_named("fp32_to_fp16")
+    dev.apply_device_settings("npu")
+    rows = by_name(numerics.numeric_checks("cpu"))
+    assert [rows[n].result for n in fp32_rows] == ["pass"] * 3
+
+
+def test_realsize_rows_under_the_stand_in(monkeypatch):
+    """Real-size rows (at CPU sizes) run torch_npu's fused SDPA on a 910B; the fused-kernel row fails when a
+    capable SoC did not use it, and the attention rows are then marked as a fallback."""
+    from diffusers_npu import attention
+    from diffusers_npu.selfcheck import realsize
+
+    fake = install(monkeypatch)
+    rows = list(realsize.attention_realsize_checks("cpu"))
+    assert [(r.result, r.fallback) for r in rows] == [("pass", "")] * 2, [r.note for r in rows]
+    assert "sdpa_npu_fused x15" in rows[0].note and fake.calls_named("sdpa")
+    assert realsize.fused_kernel_check("cpu").result == "pass"
+    monkeypatch.setattr(attention, "npu_auto_path", lambda dtype, masked: "upcast_fp32")  # a regression
+    broken = realsize.fused_kernel_check("cpu")
+    assert broken.result == "FAIL" and "took upcast_fp32" in broken.note
+    (fp16, _) = realsize.attention_realsize_checks("cpu")
+    assert fp16.fallback == "no fused NPU path ran on a SoC that has one"
+
+
+def test_selfcheck_says_first_which_device_and_why(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(numerics, "numeric_checks", lambda device: iter([Result("x", "pass", fallback="cpu")]))
+    from diffusers_npu.selfcheck import realsize
+
+    monkeypatch.setattr(realsize, "realsize_checks", lambda device: iter([]))
+    assert cli.main(["selfcheck", "--skip_training", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("diffusers-npu self-check: checking cpu (no NPU (")
+    assert out[0].endswith("rows marked * ran a fallback, not the NPU path)")
+    assert any(line.startswith("x ") and " pass* " in line and "FALLBACK: cpu" in line for line in out)
+    assert "1 passed, 0 failed, 0 skipped (1 on a fallback, marked *: no NPU evidence)" in out[-1]
 
 
 def test_a_wrong_result_fails_the_check_and_the_command(monkeypatch, tmp_path, capsys):
@@ -80,7 +133,7 @@ def test_a_wrong_result_fails_the_check_and_the_command(monkeypatch, tmp_path, c
     out = capsys.readouterr().out
     for r in report["results"]:  # the printed table and the JSON hold the same rows
         assert r["check"] in out
-    assert f"{report['counts']['pass']} passed, 3 failed, 0 skipped" in out
+    assert f"{report['counts']['pass']} passed, 3 failed, 1 skipped" in out  # the fused-kernel row on a CPU
 
 
 def test_unsupported_dtype_is_a_skip_with_the_reason(monkeypatch):
@@ -88,9 +141,11 @@ def test_unsupported_dtype_is_a_skip_with_the_reason(monkeypatch):
     monkeypatch.setattr(numerics, "dtype_unsupported",
                         lambda device, name: "bf16 is not supported here" if name == "bf16" else real(device, name))
     report = run_selfcheck("cpu", training=False)
-    skips = [r for r in report["results"] if r.result == "skip"]
-    assert len(skips) == 4 and all(r.note == "bf16 is not supported here" and "bf16" in r.check for r in skips)
-    assert report["all_passed"] is True and report["counts"] == {"pass": N_NUMERIC - 4, "FAIL": 0, "skip": 4}
+    skips = [r for r in report["results"] if r.result == "skip" and "bf16" in r.check]
+    assert len(skips) == 5 and all(r.note == "bf16 is not supported here" for r in skips)
+    counts = report["counts"]
+    assert report["all_passed"] is True and (counts["pass"], counts["FAIL"], counts["skip"]) == \
+        (N_NUMERIC + N_REALSIZE - 6, 0, 6)  # 5 bf16 rows and the fused-kernel row (no kernel on a CPU)
 
 
 def test_table_and_json_rows():
@@ -229,7 +284,7 @@ def test_npu_selfcheck_script(tmp_path):
               {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(path.read_text())
-    assert report["all_passed"] and report["counts"]["pass"] == N_NUMERIC
+    assert report["all_passed"] and report["counts"]["pass"] == N_NUMERIC + N_REALSIZE - 1  # no fused kernel on a CPU: a skip
     assert report["environment"]["device"] == "cpu" and report["cpu_threads"].endswith("(OMP_NUM_THREADS=1)")
 
 

@@ -439,3 +439,38 @@ def test_thread_probe_measures_and_restores(threads_restored):
     torch.set_num_threads(1)
     ratio = dev._thread_probe(2, budget_s=0.02)
     assert 0 < ratio < 100 and torch.get_num_threads() == 1
+
+
+# ------------------------------------------------------------------------- README install path
+def test_readme_ascend_install_path_matches_setup_py_and_requirements():
+    """Issue #20 item 10: the README's Ascend rows pair torch with the torch_npu built for it, inside the torch
+    range requirements.txt allows; the extras it installs exist in setup.py (npu -> torch_npu); extras are
+    installed from the checkout, never as "diffusers-npu[...]" from the package index."""
+    import ast
+    import os
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    setup = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    assert any(req.replace("-", "_").startswith("torch_npu") for req in extras["npu"])
+    torch_range = next(line.split("#")[0].strip()[len("torch"):] for line in
+                       open(os.path.join(root, "requirements.txt"), encoding="utf-8") if line.startswith("torch>="))
+    rows = re.findall(r"^\| (\d+\.\d+\.\d+) \| (\d+\.\d+\.\d+) \| (\d+\.\d+\.\d+(?:\.post\d+)?) \| CANN ([\w.]+) \| "
+                      r"([\w.]+) \|$", readme, re.M)
+    assert len(rows) >= 4
+    for torch_v, vision_v, npu_v, _cann, _release in rows:
+        assert npu_v.split(".post")[0] == torch_v  # torch_npu X.Y.Z[.postN] is built for torch X.Y.Z
+        assert Version(torch_v) in SpecifierSet(torch_range), (torch_v, torch_range)
+        minor = int(torch_v.split(".")[1])
+        assert vision_v.startswith(f"0.{minor + 15}."), (torch_v, vision_v)  # torchvision 0.(minor+15) pairs
+    installs = re.findall(r'pip install -e "\.\[([\w,]+)\]"', readme)
+    assert "npu" in ",".join(installs)
+    for group in installs:
+        for extra in group.split(","):
+            assert extra in extras, extra
+    assert "diffusers-npu[" not in readme  # an unrelated package of that name exists on the index

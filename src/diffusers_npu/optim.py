@@ -270,7 +270,7 @@ def build_optimizer(
     except ImportError as exc:
         raise ImportError(
             "Optimizer 'adamw_8bit' needs bitsandbytes, which is not installed: pip install bitsandbytes "
-            "(or pip install diffusers-npu[8bit])."
+            "(or, from the checkout, pip install -e \".[8bit]\")."
         ) from exc
     return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_npu import cputhreads
 from diffusers_npu import device as dev
 from diffusers_npu.errors import UsageError
 from fake_torch_npu import SOC_910_9391, SOC_910A, SOC_950, fake_npu, install, no_npu  # noqa: F401  (fixtures)
@@ -421,9 +422,9 @@ def test_cpu_threads_respect_omp_num_threads(monkeypatch, threads_restored):
 
 def test_cpu_threads_share_and_probe(monkeypatch, threads_restored):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(dev, "available_cpu_cores", lambda: 4)
+    monkeypatch.setattr(cputhreads, "available_cpu_cores", lambda: 4)
     probed = []
-    monkeypatch.setattr(dev, "_thread_probe", lambda n: probed.append(n) or speed[0])
+    monkeypatch.setattr(cputhreads, "_thread_probe", lambda n: probed.append(n) or speed[0])
     assert dev.configure_cpu_threads(local_world_size=4) == (
         1, "CPU threads: 1 per process (4 core(s) for 4 process(es) on this machine)")
     assert probed == []  # one core each: nothing to decide
@@ -437,7 +438,7 @@ def test_cpu_threads_share_and_probe(monkeypatch, threads_restored):
 
 def test_thread_probe_measures_and_restores(threads_restored):
     torch.set_num_threads(1)
-    ratio = dev._thread_probe(2, budget_s=0.02)
+    ratio = cputhreads._thread_probe(2, budget_s=0.02)
     assert 0 < ratio < 100 and torch.get_num_threads() == 1
 
 

@@ -3,16 +3,20 @@
 ``set_attention(model, mode)`` installs one of our processors on every plain diffusers ``Attention``
 module inside ``model`` (a UNet, a ControlNet, a VAE, or a single ``Attention``):
 
-* ``"flash"``  -- the fused kernel of the device: ``torch_npu.npu_fusion_attention`` on NPU SoCs that have
-  it (fp16/bf16 only; fp32 falls back to fp32 SDPA; SoCs without it -- e.g. the first-generation 910A --
-  use ``upcast``, see :func:`diffusers_npu.device.npu_supports_fusion_attention`), SDPA restricted to the
+* ``"flash"``  -- the fused kernel of the device: the explicit ``torch_npu.npu_fusion_attention`` on NPU
+  SoCs that have it (fp16/bf16; fp32 goes to torch_npu's SDPA, fused on SoC >= 910B1; SoCs without the
+  kernel -- e.g. the first-generation 910A -- use ``upcast``, see
+  :func:`diffusers_npu.device.npu_supports_fusion_attention`), SDPA restricted to the
   flash / memory-efficient / cuDNN backends on CUDA, plain SDPA on CPU.
 * ``"upcast"`` -- scores, mask and softmax computed in fp32 with autocast disabled, output cast back to
   the input dtype. This is the fix for fp16 overflow (``|q.k| * scale > 65504`` becomes ``inf`` in the
   classic ``baddbmm`` path, and the softmax turns it into NaN).
 * ``"auto"``   -- decided per call from the query's device and dtype (so moving or casting the model
-  after ``set_attention`` is fine): flash on NPU with fp16/bf16 and on CUDA; upcast for fp16/bf16
-  elsewhere; otherwise the same computation as diffusers' stock processor.
+  after ``set_attention`` is fine): on NPU :func:`npu_auto_path` -- torch_npu's own SDPA wherever it runs
+  the fusion kernel (SoC >= Ascend910B1 with torch_npu 6.0.rc2 or later; the 950 from 26.0.0), the explicit
+  kernel only where SDPA does not fuse or still masks with ``inner_precise=0``, fp32 scores only where fp16
+  attention has no fused kernel (910A); fused SDPA on CUDA; upcast for fp16/bf16 on the CPU; otherwise the
+  same computation as diffusers' stock processor.
 * ``"default"`` -- diffusers' stock processor, chosen the way ``Attention.__init__`` chooses it
   (``AttnProcessor2_0``, or the classic ``AttnProcessor`` when ``scale_qk=False``).
 

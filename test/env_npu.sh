@@ -22,8 +22,15 @@ _dnpu_source_cann() {
     done
     for candidate in "${candidates[@]}"; do
         if [ -f "$candidate" ]; then
+            # CANN's set_env.sh expands $LD_LIBRARY_PATH, $PYTHONPATH, ... unguarded: under the caller's
+            # `set -u` (npu_selfcheck.sh, launchers) an unset one would abort the shell. Sourced with -u off,
+            # and the caller's setting restored.
+            local had_u=0
+            case $- in *u*) had_u=1 ;; esac
+            set +u
             # shellcheck disable=SC1090
             source "$candidate"
+            [ "$had_u" = 1 ] && set -u
             export DIFFUSERS_NPU_CANN_ENV="$candidate"   # which one was used, for the logs
             return 0
         fi
@@ -33,19 +40,20 @@ _dnpu_source_cann() {
 _dnpu_source_cann || true
 unset -f _dnpu_source_cann
 
-export ASCEND_SLOG_PRINT_TO_STDOUT=0   # host log to stdout off
-export ASCEND_GLOBAL_LOG_LEVEL=3       # error level only
-export ASCEND_GLOBAL_EVENT_ENABLE=0    # event log off
+# Defaults only: a value the user exported is kept. No HCCL_IF_IP: HCCL picks its network interface itself
+# (HCCL_SOCKET_IFNAME / HCCL_IF_IP are the user's to set), and a guessed address would hang the link set-up
+# for HCCL_CONNECT_TIMEOUT seconds when wrong.
+export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0}   # host log to stdout off
+export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}           # error level only
+export ASCEND_GLOBAL_EVENT_ENABLE=${ASCEND_GLOBAL_EVENT_ENABLE:-0}     # event log off
 export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-1}   # operator dispatch queue (2 is faster, more memory)
-export COMBINED_ENABLE=1               # optimise non-contiguous op combinations
-export HCCL_WHITELIST_DISABLE=1        # no communication IP whitelist
-export HCCL_CONNECT_TIMEOUT=5400       # link set-up timeout, seconds
-export INF_NAN_MODE_ENABLE=1           # IEEE inf/nan instead of saturation (Atlas A2 only)
-export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}   # core binding in current torch_npu
-if [ -z "${HCCL_IF_IP:-}" ]; then
-    HCCL_IF_IP=$(hostname -I 2>/dev/null | awk '{print $1}')
-    export HCCL_IF_IP
-fi
+export HCCL_WHITELIST_DISABLE=${HCCL_WHITELIST_DISABLE:-1}             # no communication IP whitelist
+export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-5400}              # link set-up timeout, seconds (ModelZoo)
+export INF_NAN_MODE_ENABLE=${INF_NAN_MODE_ENABLE:-1}   # IEEE inf/nan instead of saturation (Atlas A2 on)
+export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}       # core binding in current torch_npu
+# The caching allocator's expandable segments (less fragmentation with large models), as Ascend's own
+# suites set it (torch_npu docs: PYTORCH_NPU_ALLOC_CONF.md).
+export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
 
 # torch_npu installed but no usable NPU (CANN not found, driver not loaded, no device in the container):
 # training would quietly fall back to the CPU. Say so loudly, with the reason. Skipped when the user chose

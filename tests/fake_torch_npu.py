@@ -5,36 +5,57 @@ maths (so outputs can be checked against float64 references), and REFUSES every 
 that the project could plausibly make. Each rule below names its source; tests/test_device.py,
 test_attention.py and test_optim.py hold one rejecting test per rule (``test_stand_in_rejects_*``).
 
-Rules (sources: Ascend/pytorch = torch_npu, Ascend/op-plugin = its operator docs):
+Rules (sources: Ascend/pytorch = torch_npu, Ascend/op-plugin = its operators and API pages; the tables below
+are this file's own, copied from those documents -- never imported from ``src/``, so a wrong table in the
+project is caught rather than mirrored):
 
-1. ``npu_fusion_attention``: q/k/v fp16 or bf16 of one dtype (older op-plugin docs; fp32 was added later,
-   so refusing it is the strict side); layout BNSD is the only one modelled; ``head_num`` = N of q and k;
+1. ``npu_fusion_attention``: q/k/v fp16 or bf16 of one dtype (older API pages; fp32 was added later, so
+   refusing it is the strict side); layout BNSD is the only one modelled; ``head_num`` = N of q and k;
    k and v the same shape; head dim <= 768; ``atten_mask`` bool/uint8 (True = masked OUT) of shape BNSS,
    B1SS, 11SS or SS exactly -- ``[B,1,1,S]`` is refused ("get unsupported atten_mask shape", quoted in
-   huggingface/diffusers#13490); only on the SoCs of ``diffusers_npu.device._FUSION_ATTENTION_SOC``
-   (torch_npu-npu_fusion_attention.md: "Atlas A2 训练系列产品"; CANN's aclnn page: "Atlas 训练系列产品
-   不支持该算子").
+   huggingface/diffusers#13490); only on the SoCs of ``FUSION_KERNEL_SOCS`` (below). ``inner_precise``:
+   "0、1为保留配置值，2为开启无效行计算 ... 避免在计算过程中存在整行mask进而导致精度有损失" (API page): a fully
+   masked row comes out NaN here unless ``inner_precise=2`` (then 0).
 2. ``npu_apply_adam_w(beta1_power, beta2_power, lr, weight_decay, beta1, beta2, epsilon, grad,
    max_grad_norm=None, amsgrad=None, maximize=None, *, out)``: the 7th argument is ``epsilon`` and ``out``
    is keyword-only (op-plugin schema ``npu_apply_adam_w.out(..., Scalar epsilon, ..., *, Tensor(a!) var,
-   ...)``); var/m/v/grad of one shape; amsgrad=True needs max_grad_norm and is unsupported
-   (torch_npu-npu_apply_adam_w.md). The kernel bias-corrects with ``beta_power * beta``.
+   ...)``); var/m/v/grad of one shape AND one dtype (op-plugin ApplyAdamWKernelNpu.cpp casts every scalar to
+   var's dtype but passes grad as it is; aclnnApplyAdamW.md, cann/ops-nn: m/v "shape、dtype要求与varRef一致");
+   amsgrad=True needs max_grad_norm and is unsupported. The kernel bias-corrects with ``beta_power * beta``.
 3. ``optim.NpuFusedAdamW`` (torch_npu/optim/npu_fused_adamw.py, npu_fused_optim_base.py): default
    ``weight_decay=1e-2``; at the first step / zero_grad / clip it combines the parameters that HAVE a
    gradient at that moment into one flat buffer per dtype -- fp32/fp16 only (TypeError), contiguous NPU
-   tensors (npu_combine_tensors: "须全部为内存连续的、dtype相同的NPU Tensor") -- and from then on steps those
-   parameters only, from that buffer: a parameter whose grad was None then is never updated, and a
-   ``p.grad`` replaced later is ignored; ``zero_grad(set_to_none=True)`` raises ValueError.
+   tensors, no DTensors (npu_combine_tensors: "须全部为内存连续的、dtype相同的NPU Tensor"; torch_npu registers no
+   DTensor strategy for it) -- and from then on steps those parameters only, from that buffer: a parameter
+   whose grad was None then is never updated; a ``p.grad`` REPLACED later (as DeepSpeed ZeRO does) would be
+   ignored by the real class, so the stand-in raises; ``zero_grad(set_to_none=True)`` raises ValueError.
 4. ``torch.npu.config.allow_internal_format`` is write-only: torch_npu's ``npuConfig`` defines only
    ``__setattr__`` (torch_npu/npu/npu_config.py), so reading it raises AttributeError. Writes are recorded.
-5. ``set_compile_mode(jit_compile=False)``: the default is False (npu_config.py).
+5. ``set_compile_mode(jit_compile=False)``: the default is False (npu_config.py). ``set_option(dict)``:
+   ``ACL_PRECISION_MODE`` in {allow_fp32_to_fp16, must_keep_origin_dtype} (npu_config.py ``_option_map``).
 6. channels_last on an NPU tensor is refused: ``Tensor.to(memory_format=channels_last)`` -> "Only
    contiguous_format or preserve_format is supported." (torch_npu's _to_copy TORCH_CHECK, which
    ``Module.to(memory_format=...)`` reaches), ``.contiguous(memory_format=channels_last)`` -> "NPU contiguous
    operator only supported contiguous memory format."
 7. ``torch.npu.amp.GradScaler(init_scale, growth_factor, backoff_factor, growth_interval, dynamic,
-   enabled)`` takes no device argument and scales NPU tensors only (torch_npu/npu/amp/grad_scaler.py);
-   the sharded one lives in ``torch_npu.npu.amp.sharded_grad_scaler`` (sharded_grad_scaler.py).
+   enabled)`` takes no device argument and scales NPU tensors only (torch_npu/npu/amp/grad_scaler.py). Its
+   ``step`` calls ``optimizer.step(*args, grad_scaler=self)`` for optimizers with
+   ``_step_supports_amp_scaling`` (torch's fused AdamW does not take that keyword), else unscales, reads
+   found_inf on the host and skips or steps. ``state_dict`` adds ``dynamic``; ``load_state_dict`` reads it
+   (KeyError without). The sharded one exists only as the private
+   ``torch_npu.npu.amp.sharded_grad_scaler._ShardedGradScaler(device="npu", ...)``, which torch_npu installs as
+   ``torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler`` (_init/patches/distributed_patches.py).
+8. fp32 precision (torch_npu LazyInitAclops.cpp SetPrecisionMode, EnvVariables.cpp IsAllowFP32ToFP16): below
+   Ascend910B1 the default ``ACL_PRECISION_MODE`` is ``allow_fp32_to_fp16``, so fp32 matmul / linear / conv /
+   bmm on NPU tensors compute with fp16-rounded inputs and output, until ``set_option`` sets
+   ``must_keep_origin_dtype``. (Vector ops keep fp32: "For vector-type operators, prioritize the original
+   precision", CANN precision_mode.)
+9. torch_npu's ``scaled_dot_product_attention`` (op-plugin ScaledDotProductAttentionKernelNpuOpApi.cpp, by
+   release): from 6.0.rc2, on SoC >= Ascend910B1 (on the 950 from 26.0.0), fp16/bf16/fp32 BNSD with a bool
+   mask or none, N <= 2048, D <= 512 (fp32: D % 4 == 0), it calls ``npu_fusion_attention`` with the mask
+   inverted; before 26.1.0 with ``inner_precise=0`` and the mask as given (so ``[B,1,1,S]`` is refused),
+   from 26.1.0 with ``inner_precise=2`` when masked and masks broadcast to BNSS. Anything else runs the
+   unfused math path (recorded as ``sdpa_math``).
 
 ``install(monkeypatch, ...)`` (undone at teardown): ``sys.modules['torch_npu']`` and ``torch.npu`` become the
 fake, ``diffusers_npu.device``'s caches are cleared, and with ``pretend_npu=True`` CPU tensors report device
@@ -52,6 +73,40 @@ import torch
 _HALF = (torch.float16, torch.bfloat16)
 SOC_910B2, SOC_910A, SOC_910_9391, SOC_950 = 221, 102, 250, 260
 
+# enum c10_npu::SocVersion, torch_npu/csrc/core/npu/NpuVariables.h (Ascend/pytorch master).
+SOC_NAMES = {100: "Ascend910PremiumA", 101: "Ascend910ProA", 102: "Ascend910A", 103: "Ascend910ProB",
+             104: "Ascend910B", 200: "Ascend310P1", 201: "Ascend310P2", 202: "Ascend310P3", 203: "Ascend310P4",
+             204: "Ascend310P5", 205: "Ascend310P7", 220: "Ascend910B1", 221: "Ascend910B2", 222: "Ascend910B2C",
+             223: "Ascend910B3", 224: "Ascend910B4", 225: "Ascend910B4_1", 240: "Ascend310B1", 241: "Ascend310B2",
+             242: "Ascend310B3", 243: "Ascend310B4", 250: "Ascend910_9391", 251: "Ascend910_9392",
+             252: "Ascend910_9381", 253: "Ascend910_9382", 254: "Ascend910_9372", 255: "Ascend910_9362",
+             256: "Ascend910_9363", 260: "Ascend950"}
+ASCEND910B1 = 220
+# Where npu_fusion_attention runs: "Atlas A2 训练系列产品" and "Ascend 950DT" (torch_npu-npu_fusion_attention.md,
+# Ascend/op-plugin master); Atlas A3 (CANN aclnnFlashAttentionScore.md); the 950 branch calling
+# aclnnFlashAttentionScoreV4 appears in op-plugin 26.0.0 (FlashAttentionKernelNpuOpApi.cpp).
+FUSION_KERNEL_SOCS = {220, 221, 222, 223, 224, 225, 250, 251, 252, 253, 254, 255, 256}
+FUSION_KERNEL_950_FROM = "26.0.0"
+# torch_npu package version -> Ascend Extension release (Ascend/pytorch COMPATIBILITY.md, rows used here).
+RELEASE_OF = {"2.1.0.post4": "6.0.rc1", "2.2.0": "6.0.rc1", "2.1.0.post6": "6.0.rc2", "2.2.0.post2": "6.0.rc2",
+              "2.3.1": "6.0.rc2", "2.1.0.post8": "6.0.rc3", "2.4.0": "6.0.rc3", "2.1.0.post10": "6.0.0",
+              "2.4.0.post2": "6.0.0", "2.5.1": "7.0.0", "2.6.0": "7.1.0", "2.7.1": "7.2.0", "2.6.0.post5": "7.3.0",
+              "2.8.0.post2": "7.3.0", "2.7.1.post4": "26.0.0", "2.9.0.post2": "26.0.0", "2.7.1.post8": "26.1.0",
+              "2.10.0.post4": "26.1.0", "2.12.0": "26.1.0"}
+_RELEASE_ORDER = ["6.0.rc1", "6.0.rc2", "6.0.rc3", "6.0.0", "7.0.0", "7.1.0", "7.2.0", "7.3.0", "26.0.0", "26.1.0"]
+
+
+def release_at_least(version: str, release: str) -> bool:
+    if version not in RELEASE_OF:
+        raise KeyError(f"the stand-in's release table has no torch_npu {version!r}; add its COMPATIBILITY.md row")
+    return _RELEASE_ORDER.index(RELEASE_OF[version]) >= _RELEASE_ORDER.index(release)
+
+
+# The real functions, captured before install() wraps them (the fake's own maths must not be rewrapped).
+_real = {"matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm,
+         "linear": torch.nn.functional.linear, "conv2d": torch.nn.functional.conv2d,
+         "sdpa": torch.nn.functional.scaled_dot_product_attention}
+
 
 def _npu(tensor) -> bool:
     from diffusers_npu import device as dev
@@ -62,13 +117,22 @@ def _npu(tensor) -> bool:
 class FakeTorchNpu(types.ModuleType):
     """Fresh per test; ``calls`` is the ordered record of every call into the fake."""
 
-    def __init__(self, device_count: int = 1, bf16: bool = True, soc_version: int = SOC_910B2):
+    def __init__(self, device_count: int = 1, bf16: bool = True, soc_version: int = SOC_910B2,
+                 version: str = "2.7.1.post8"):
         super().__init__("torch_npu")
         self.__file__ = __file__
+        self.__version__ = version
         self.calls: List[Dict[str, Any]] = []
         self.soc_version = soc_version
+        # rule 8: torch_npu's default precision mode for this SoC, until set_option changes it
+        self.precision_mode = "must_keep_origin_dtype" if soc_version >= ASCEND910B1 else "allow_fp32_to_fp16"
         self.npu = _FakeNpuNamespace(self, device_count, bf16)
         self.optim = types.SimpleNamespace(NpuFusedAdamW=_make_fused_adamw(self))
+
+    def kernel_on_this_soc(self) -> bool:
+        if self.soc_version == SOC_950:
+            return release_at_least(self.__version__, FUSION_KERNEL_950_FROM)
+        return self.soc_version in FUSION_KERNEL_SOCS
 
     def record(self, name: str, **info) -> Dict[str, Any]:
         entry = {"name": name, **info}
@@ -86,17 +150,18 @@ class FakeTorchNpu(types.ModuleType):
         self_.record(
             "npu_fusion_attention", input_layout=input_layout, head_num=head_num, scale=scale,
             keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens, sparse_mode=sparse_mode,
-            pse=pse, q_shape=tuple(query.shape), k_shape=tuple(key.shape), v_shape=tuple(value.shape),
+            pse=pse, inner_precise=inner_precise, via=self_._via, q_shape=tuple(query.shape), k_shape=tuple(key.shape), v_shape=tuple(value.shape),
             dtypes=(query.dtype, key.dtype, value.dtype),
             mask_dtype=None if atten_mask is None else atten_mask.dtype,
             mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
             mask=None if atten_mask is None else atten_mask.detach().clone())
-        from diffusers_npu import device as dev
-
-        soc = dev._SOC_NAMES.get(self_.soc_version, str(self_.soc_version))
-        if not dev._FUSION_ATTENTION_SOC.match(soc):
-            raise RuntimeError(f"npu_fusion_attention: FlashAttentionScore is not supported on {soc}")
-        if query.dtype not in _HALF or key.dtype != query.dtype or value.dtype != query.dtype:
+        soc = SOC_NAMES.get(self_.soc_version, str(self_.soc_version))
+        if not self_.kernel_on_this_soc():
+            raise RuntimeError(f"npu_fusion_attention: FlashAttentionScore is not supported on {soc} "
+                               f"(torch_npu {self_.__version__})")
+        # fp32 only from torch_npu's own SDPA (current API pages list float32; older ones did not)
+        allowed = _HALF + ((torch.float32,) if self_._via == "sdpa" else ())
+        if query.dtype not in allowed or key.dtype != query.dtype or value.dtype != query.dtype:
             raise TypeError(f"npu_fusion_attention takes float16/bfloat16 q/k/v of one dtype, got "
                             f"{query.dtype}/{key.dtype}/{value.dtype}")
         if input_layout != "BNSD":
@@ -119,12 +184,49 @@ class FakeTorchNpu(types.ModuleType):
                                    f"BNSS, B1SS, 11SS, SS with B={b} N={n} Sq={sq} Skv={skv}")
         if keep_prob != 1.0 or sparse_mode != 0:
             raise NotImplementedError("fake npu_fusion_attention models keep_prob=1, sparse_mode=0 only")
-        scores = torch.matmul(query.double(), key.double().transpose(-1, -2)) * float(scale)
+        scores = _real["matmul"](query.double(), key.double().transpose(-1, -2)) * float(scale)
         if atten_mask is not None:
             scores = scores.masked_fill(atten_mask.bool(), float("-inf"))
-        out = torch.matmul(scores.softmax(-1), value.double()).to(query.dtype)
+        probs = scores.softmax(-1)
+        if atten_mask is not None and inner_precise == 2:  # "无效行计算": fully masked rows give 0
+            probs = torch.nan_to_num(probs, nan=0.0)
+        out = _real["matmul"](probs, value.double()).to(query.dtype)
         stats = torch.zeros(b, n, sq, 8)
         return out, stats, stats.clone(), torch.zeros(()), 0, 0, 0
+
+    _via = "explicit"
+
+    # -- rule 9 ------------------------------------------------------------------------------------
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        """torch_npu's scaled_dot_product_attention on NPU tensors (rule 9)."""
+        version = self.__version__
+        fused_soc = self.soc_version >= ASCEND910B1 and (
+            self.soc_version != SOC_950 or release_at_least(version, FUSION_KERNEL_950_FROM))
+        q4 = query.dim() == 4 and key.dim() == 4 and value.dim() == 4
+        fused = (release_at_least(version, "6.0.rc2") and fused_soc and q4
+                 and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                 and (attn_mask is None or attn_mask.dtype == torch.bool)
+                 and query.shape[1] <= 2048 and query.shape[3] <= 512
+                 and not (query.dtype == torch.float32 and query.shape[-1] % 4) and not is_causal)
+        self.record("sdpa", fused=fused, dtype=query.dtype, mask_dtype=None if attn_mask is None else attn_mask.dtype)
+        if not fused:
+            return _real["sdpa"](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                 scale=scale, **kwargs)
+        mask = None if attn_mask is None else ~attn_mask
+        new = release_at_least(version, "26.1.0")
+        if mask is not None and new:
+            b, n, sq, skv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+            shapes = {(sq, skv), (b, n, sq, skv), (b, 1, sq, skv), (1, 1, sq, skv)}
+            if tuple(mask.shape) not in shapes:
+                mask = mask.expand(b, n, sq, skv)
+        precise = 2 if (new and mask is not None and query.shape[2] > 1) else 0
+        scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
+        self._via = "sdpa"
+        try:
+            return self.npu_fusion_attention(query, key, value, query.shape[1], "BNSD", atten_mask=mask,
+                                             scale=scale, keep_prob=1.0 - dropout_p, inner_precise=precise)[0]
+        finally:
+            self._via = "explicit"
 
     # -- rule 2 ------------------------------------------------------------------------------------
     def npu_apply_adam_w(self, beta1_power, beta2_power, lr, weight_decay, beta1, beta2, epsilon, grad,
@@ -138,12 +240,15 @@ class FakeTorchNpu(types.ModuleType):
         if not (var.shape == m.shape == v.shape == grad.shape):
             raise RuntimeError(f"npu_apply_adam_w: var/m/v/grad shapes differ: {tuple(var.shape)} {tuple(m.shape)} "
                                f"{tuple(v.shape)} {tuple(grad.shape)}")
+        if not (var.dtype == m.dtype == v.dtype == grad.dtype):
+            raise RuntimeError(f"npu_apply_adam_w: var/m/v/grad must have one dtype, got {var.dtype} "
+                               f"{m.dtype} {v.dtype} {grad.dtype}")
         if amsgrad:
             raise RuntimeError("npu_apply_adam_w: amsgrad is only supported as False"
                                + ("" if max_grad_norm is not None else " (and needs max_grad_norm)"))
         with torch.no_grad():
             b1p, b2p = beta1_power * beta1, beta2_power * beta2  # the kernel's convention
-            g = (-grad if maximize else grad).to(var.dtype)
+            g = -grad if maximize else grad
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             var.mul_(1 - lr * weight_decay)
@@ -167,7 +272,7 @@ class _WriteOnlyConfig:
 
 def _make_grad_scalers(owner):
     class GradScaler(torch.amp.GradScaler):
-        """torch_npu.npu.amp.GradScaler: NPU-only, no device argument (rule 7); CPU maths underneath."""
+        """torch_npu.npu.amp.GradScaler: NPU-only, no device argument, torch_npu's step protocol (rule 7)."""
 
         def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
                      dynamic=True, enabled=True):
@@ -176,6 +281,7 @@ def _make_grad_scalers(owner):
             owner.record(type(self).__name__, init_scale=init_scale, enabled=enabled, dynamic=dynamic)
             super().__init__("cpu", init_scale=init_scale, growth_factor=growth_factor,
                              backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
+            self._dynamic = dynamic
 
         def scale(self, outputs):
             for t in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
@@ -183,12 +289,54 @@ def _make_grad_scalers(owner):
                     raise ValueError("Device type of outputs should be npu.")
             return super().scale(outputs)
 
-    class ShardedGradScaler(GradScaler):
-        def __init__(self, init_scale=2.0**16, backoff_factor=0.5, growth_factor=2.0, growth_interval=2000,
-                     enabled=True, process_group=None):
-            super().__init__(init_scale, growth_factor, backoff_factor, growth_interval, True, enabled)
+        def step(self, optimizer, *args, **kwargs):
+            if not self._enabled:
+                return optimizer.step(*args, **kwargs)
+            state = self._per_optimizer_states[id(optimizer)]
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                owner.record("GradScaler.step", protocol="grad_scaler kwarg")
+                retval = optimizer.step(*args, **dict(kwargs, grad_scaler=self))
+                state["stage"] = _opt_state().STEPPED
+                return retval
+            if state["stage"] is _opt_state().READY:
+                self.unscale_(optimizer)
+            owner.record("GradScaler.step", protocol="host found_inf")
+            retval = None
+            if not sum(v.item() for v in state["found_inf_per_device"].values()):
+                retval = optimizer.step(*args, **kwargs)
+            state["stage"] = _opt_state().STEPPED
+            return retval
 
-    return GradScaler, ShardedGradScaler
+        def state_dict(self):
+            state = super().state_dict()
+            if self._enabled:
+                state["dynamic"] = self._dynamic
+            return state
+
+        def load_state_dict(self, state_dict):
+            if not self._enabled:
+                return
+            if len(state_dict) == 0:
+                raise RuntimeError("The source state dict is empty, possibly because it was saved "
+                                   "from a disabled instance of GradScaler.")
+            super().load_state_dict(state_dict)
+            self._dynamic = state_dict["dynamic"]  # KeyError for torch's state, like the real class
+
+    class _ShardedGradScaler(GradScaler):
+        def __init__(self, device="npu", init_scale=2.0**16, backoff_factor=0.5, growth_factor=2.0,
+                     growth_interval=2000, enabled=True, process_group=None):
+            super().__init__(init_scale, growth_factor, backoff_factor, growth_interval, True, enabled)
+            self._device = device
+
+    GradScaler.__module__ = "torch_npu.npu.amp.grad_scaler"  # where the real classes live
+    _ShardedGradScaler.__module__ = "torch_npu.npu.amp.sharded_grad_scaler"
+    return GradScaler, _ShardedGradScaler
+
+
+def _opt_state():
+    from torch.amp.grad_scaler import OptState
+
+    return OptState
 
 
 class _FakeNpuNamespace:
@@ -203,7 +351,18 @@ class _FakeNpuNamespace:
         self.amp = types.ModuleType("torch_npu.npu.amp")
         self.amp.GradScaler = scaler
         self.amp.sharded_grad_scaler = types.ModuleType("torch_npu.npu.amp.sharded_grad_scaler")
-        self.amp.sharded_grad_scaler.ShardedGradScaler = sharded
+        self.amp.sharded_grad_scaler._ShardedGradScaler = sharded  # private; no public ShardedGradScaler
+
+    def set_option(self, option):  # rule 5 / 8
+        if not isinstance(option, dict):
+            raise TypeError("npu option must be a dict.")
+        allowed = {"ACL_PRECISION_MODE": ("allow_fp32_to_fp16", "must_keep_origin_dtype")}
+        for name, value in option.items():
+            if name in allowed and str(value) not in allowed[name]:
+                raise ValueError(f"value of {name} should be in {list(allowed[name])} but got {value}")
+        self._owner.record("set_option", option=dict(option))
+        if "ACL_PRECISION_MODE" in option:
+            self._owner.precision_mode = str(option["ACL_PRECISION_MODE"])
 
     def is_available(self):
         return self._count > 0
@@ -218,10 +377,8 @@ class _FakeNpuNamespace:
         return self._owner.soc_version
 
     def get_device_name(self, index=0):
-        from diffusers_npu import device as dev
-
         self._owner.record("get_device_name", index=index)
-        return dev._SOC_NAMES.get(self._owner.soc_version, f"Ascend(soc {self._owner.soc_version})")
+        return SOC_NAMES.get(self._owner.soc_version, f"Ascend(soc {self._owner.soc_version})")
 
     def is_bf16_supported(self):
         return self._bf16
@@ -268,6 +425,9 @@ def _make_fused_adamw(owner: FakeTorchNpu):
                 for p in group["params"]:
                     if p.grad is None:
                         continue  # never combined, so never stepped
+                    if type(p).__name__ == "DTensor" or type(p.grad).__name__ == "DTensor":
+                        raise RuntimeError("npu_combine_tensors: DTensor parameters are not supported "
+                                           "(no DTensor sharding strategy for the fused optimizer)")
                     if p.dtype not in (torch.float32, torch.float16):
                         raise TypeError(f"Fused optimizer's parameters must be either float32 or float16, "
                                         f"but received {p.dtype}")
@@ -301,6 +461,10 @@ def _make_fused_adamw(owner: FakeTorchNpu):
             loss = closure() if closure is not None else None
             self._combine()
             for p, group, grad in self.combined or []:
+                if p.grad is not grad:
+                    raise RuntimeError("NpuFusedAdamW: a parameter's .grad was replaced after the optimizer "
+                                       "combined the gradients at its first step; the real class would keep "
+                                       "stepping the old buffer and ignore the new gradient")
                 state = self.state[p]
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -362,8 +526,42 @@ def _refuse_channels_last(monkeypatch, fake: FakeTorchNpu) -> None:
     monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
 
 
+def _wrap_compute(monkeypatch, fake: FakeTorchNpu) -> None:
+    """Rules 8 and 9: cube ops in fp16 under allow_fp32_to_fp16; SDPA through torch_npu's dispatch."""
+
+    def lowered(name):
+        real = _real[name]
+
+        def op(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if (fake.precision_mode == "allow_fp32_to_fp16" and tensors and _npu(tensors[0])
+                    and any(t.dtype == torch.float32 for t in tensors)):
+                fake.record("fp32_to_fp16", op=name)
+                cast = [a.half().float() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+                        for a in args]
+                return real(*cast, **kwargs).half().float()
+            return real(*args, **kwargs)
+
+        return op
+
+    monkeypatch.setattr(torch, "matmul", lowered("matmul"))
+    monkeypatch.setattr(torch, "bmm", lowered("bmm"))
+    monkeypatch.setattr(torch, "baddbmm", lowered("baddbmm"))
+    monkeypatch.setattr(torch.nn.functional, "linear", lowered("linear"))
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lowered("conv2d"))
+
+    def sdpa(query, key, value, *args, **kwargs):
+        if _npu(query):
+            if args:
+                raise TypeError("the stand-in's SDPA takes attn_mask/dropout_p/is_causal/scale by keyword")
+            return fake.sdpa(query, key, value, **kwargs)
+        return _real["sdpa"](query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
 def install(monkeypatch, pretend_npu: bool = True, device_count: int = 1, bf16: bool = True,
-            soc_version: int = SOC_910B2) -> FakeTorchNpu:
+            soc_version: int = SOC_910B2, version: str = "2.7.1.post8") -> FakeTorchNpu:
     """Install a fresh fake torch_npu for one test (see module docstring). Returns it."""
     # diffusers decides once, at import, whether torch_npu exists (and would then route GEGLU through
     # torch_npu.npu_geglu for the rest of the session), accelerate once per process: let both decide from the
@@ -376,12 +574,16 @@ def install(monkeypatch, pretend_npu: bool = True, device_count: int = 1, bf16: 
 
     from diffusers_npu import device as dev
 
-    fake = FakeTorchNpu(device_count=device_count, bf16=bf16, soc_version=soc_version)
+    fake = FakeTorchNpu(device_count=device_count, bf16=bf16, soc_version=soc_version, version=version)
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     monkeypatch.setitem(sys.modules, "torch_npu.npu", fake.npu)
     monkeypatch.setitem(sys.modules, "torch_npu.npu.amp", fake.npu.amp)
     monkeypatch.setitem(sys.modules, "torch_npu.npu.amp.sharded_grad_scaler", fake.npu.amp.sharded_grad_scaler)
     monkeypatch.setattr(torch, "npu", fake.npu, raising=False)
+    # rule 7: importing torch_npu replaces torch's FSDP scaler with its private one
+    from torch.distributed.fsdp import sharded_grad_scaler
+
+    monkeypatch.setattr(sharded_grad_scaler, "ShardedGradScaler", fake.npu.amp.sharded_grad_scaler._ShardedGradScaler)
     # Restored to the previous cache state at teardown; cleared now so get_torch_npu() finds the fake.
     monkeypatch.setattr(dev, "_torch_npu_cache", dev._UNSET)
     monkeypatch.setattr(dev, "_torch_npu_import_error", None)
@@ -392,6 +594,8 @@ def install(monkeypatch, pretend_npu: bool = True, device_count: int = 1, bf16: 
     monkeypatch.setattr(dev, "tensor_device_type", (lambda t: "npu" if t.device.type == "cpu" else t.device.type)
                         if pretend_npu else (lambda t: t.device.type))
     _refuse_channels_last(monkeypatch, fake)
+    if pretend_npu:
+        _wrap_compute(monkeypatch, fake)
     return fake
 
 

@@ -292,6 +292,9 @@ def test_npu_fusion_attention_contract(mode, dtype, cross, mask_kind, monkeypatc
     calls = fake.calls_named("npu_fusion_attention")
     assert len(calls) == 1
     call = calls[0]
+    # flash: the project's explicit call; auto on this torch_npu (26.1.0, 910B2): torch_npu's own SDPA
+    assert call["via"] == ("explicit" if mode == "flash" else "sdpa")
+    assert call["inner_precise"] == (0 if mask is None else 2)  # as torch_npu's SDPA sets it
     key_len = K if cross else Q
     assert call["input_layout"] == "BNSD"
     assert call["head_num"] == HEADS
@@ -318,13 +321,17 @@ def test_npu_fp32_never_reaches_kernel(mode, monkeypatch, seed):
     set_attention(attn, mode)
     with torch.no_grad():
         out = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
-    assert fake.calls_named("npu_fusion_attention") == []
+    explicit = lambda: [c for c in fake.calls_named("npu_fusion_attention") if c["via"] == "explicit"]  # noqa: E731
+    assert explicit() == []
+    # fp32 goes to torch_npu's SDPA, which fuses it on this SoC (with the mask as a bool)
+    assert [(c["fused"], c["mask_dtype"]) for c in fake.calls_named("sdpa")] == [(True, torch.bool)]
     assert rel_err(out, ref) < 1e-5, f"seed {seed}"
-    # ...but fp16 on the same module does reach it (so the check above can fail).
+    # ...but fp16 on the same module does reach the explicit kernel with flash (so the check above can fail).
     attn.half()
+    set_attention(attn, "flash")
     with torch.no_grad():
         attn(hidden.half(), encoder_hidden_states=context.half(), attention_mask=mask.half())
-    assert [c["dtypes"][0] for c in fake.calls_named("npu_fusion_attention")] == [torch.float16]
+    assert [c["dtypes"][0] for c in explicit()] == [torch.float16]
 
 
 def test_npu_soft_bias_mask_uses_fp32_path(monkeypatch, seed):
@@ -408,30 +415,52 @@ def test_npu_kernel_gets_module_scale(monkeypatch, seed):
 
 
 # ------------------------------------------------------------------------- SoC gate and logging
-@pytest.mark.parametrize("soc,name,supported", [(221, "Ascend910B2", True), (SOC_910_9391, "Ascend910_9391", True),
-                                                (SOC_910A, "Ascend910A", False), (SOC_950, "Ascend950", False)])
+# (SoC, torch_npu version) -> the path each mode takes for fp16 without / with a mask: "sdpa" = torch_npu's
+# SDPA, fused there; "explicit" = the project's npu_fusion_attention call; "upcast" = fp32 scores.
+@pytest.mark.parametrize("soc,version,flash,auto", [
+    (221, "2.7.1.post8", ("explicit", "explicit"), ("sdpa", "sdpa")),        # 26.1.0: SDPA as good as explicit
+    (221, "2.5.1", ("explicit", "explicit"), ("sdpa", "explicit")),          # SDPA masks with inner_precise=0
+    (221, "2.1.0.post4", ("explicit", "explicit"), ("explicit", "explicit")),  # SDPA not fused yet
+    (SOC_910_9391, "2.12.0", ("explicit", "explicit"), ("sdpa", "sdpa")),
+    (SOC_950, "2.9.0.post2", ("explicit", "explicit"), ("sdpa", "explicit")),  # 26.0.0 knows the 950
+    (SOC_950, "2.8.0.post2", ("upcast", "upcast"), ("upcast", "upcast")),    # 7.3.0 does not
+    (SOC_910A, "2.7.1.post8", ("upcast", "upcast"), ("upcast", "upcast"))])  # no fused fp16 attention
 @pytest.mark.parametrize("mode", ["flash", "auto"])
-def test_npu_soc_gate_falls_back_to_upcast(mode, soc, name, supported, monkeypatch, caplog, seed):
-    """No fusion kernel on the SoC: fp16 goes through the fp32-safe upcast path, still correct."""
-    fake = install(monkeypatch, soc_version=soc)
+def test_npu_paths_by_soc_and_torch_npu(mode, soc, version, flash, auto, monkeypatch, caplog, seed):
+    fake = install(monkeypatch, soc_version=soc, version=version)
     attn = make_attention(True, torch.float16)
-    hidden, context, mask, _ = make_inputs(True, "additive", torch.float16)
-    ref = reference(attn, hidden, context, mask)
     with caplog.at_level(logging.INFO, logger="diffusers_npu.attention"):
         set_attention(attn, mode)
+    expected = dict(zip(("none", "additive"), flash if mode == "flash" else auto))
+    for mask_kind in ("none", "additive"):
+        fake.calls.clear()
+        hidden, context, mask, _ = make_inputs(True, mask_kind, torch.float16)
+        ref = reference(attn, hidden, context, mask)
+        with torch.no_grad():
+            out = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+        assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}"
+        kernel = [c["via"] for c in fake.calls_named("npu_fusion_attention")]
+        want = {"sdpa": ["sdpa"], "explicit": ["explicit"], "upcast": []}[expected[mask_kind]]
+        assert kernel == want, (mask_kind, kernel)
+        if expected[mask_kind] == "sdpa":
+            assert [c["fused"] for c in fake.calls_named("sdpa")] == [True]  # torch_npu fused it
+    lines = [r.getMessage() for r in caplog.records if "set_attention(" in r.getMessage()]
+    assert len(lines) == 1 and f"torch_npu {version}" in lines[0]
+
+
+def test_fp32_on_a_910a_is_sdpa_and_stays_fp32_after_the_device_settings(monkeypatch, seed):
+    from diffusers_npu import device as dev
+
+    fake = install(monkeypatch, soc_version=SOC_910A)
+    dev.apply_device_settings("npu")
+    attn = make_attention(True, torch.float32)
+    hidden, context, mask, _ = make_inputs(True, "additive", torch.float32)
+    ref = reference(attn, hidden, context, mask)
+    set_attention(attn, "auto")
     with torch.no_grad():
         out = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
-    assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}"
-    kernel_calls = len(fake.calls_named("npu_fusion_attention"))
-    lines = [r.getMessage() for r in caplog.records if "set_attention(" in r.getMessage()]
-    if supported:
-        assert kernel_calls == 1 and attn.processor.path_counts == {"npu_fusion_attention": 1}
-        assert lines == [f"set_attention({mode}) on Attention: npu_fusion_attention ({name}) for fp16/bf16, "
-                         f"SDPA for fp32 [1 attention module(s)]"]
-    else:
-        assert kernel_calls == 0 and attn.processor.path_counts == {"upcast_fp32": 1}
-        assert lines == [f"set_attention({mode}) on Attention: upcast ({name}: no fusion attention) "
-                         f"[1 attention module(s)]"]
+    assert attn.processor.path_counts == {"sdpa": 1} and not fake.calls_named("fp32_to_fp16")
+    assert rel_err(out, ref) < 1e-5, f"seed {seed}"
 
 
 def test_fusion_attention_env_override(monkeypatch):
@@ -503,6 +532,35 @@ def test_stand_in_rejects_broadcast_mask_shapes(monkeypatch):
         fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=torch.zeros(shape, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool/uint8"):
         fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=torch.zeros(B, 1, Q, K))
+
+
+def test_stand_in_sdpa_follows_torch_npus_dispatch(monkeypatch):
+    """Rule 9: before 26.1.0 torch_npu's SDPA hands the mask to the kernel as given ([B,1,1,S] refused) with
+    inner_precise=0; from 26.1.0 it broadcasts and passes 2; a float mask runs the unfused math path."""
+    import torch.nn.functional as F
+
+    q, k, v = _qkv()
+    keep = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    fake = install(monkeypatch, version="2.5.1")
+    with pytest.raises(RuntimeError, match="get unsupported atten_mask shape"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(B, 1, 1, K, dtype=q.dtype))
+    assert [c["fused"] for c in fake.calls_named("sdpa")] == [True, False]
+    fake = install(monkeypatch, version="2.7.1.post8")
+    F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    (call,) = fake.calls_named("npu_fusion_attention")
+    assert call["via"] == "sdpa" and call["inner_precise"] == 2 and call["mask_shape"] == (B, HEADS, Q, K)
+
+
+def test_stand_in_fully_masked_rows_need_inner_precise_2(monkeypatch):
+    fake = install(monkeypatch)
+    q, k, v = _qkv()
+    drop = torch.zeros(B, 1, Q, K, dtype=torch.bool)
+    drop[:, :, 0] = True  # query 0 sees no key
+    lossy = fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=drop, inner_precise=0)[0]
+    precise = fake.npu_fusion_attention(q, k, v, HEADS, "BNSD", atten_mask=drop, inner_precise=2)[0]
+    assert torch.isnan(lossy[:, :, 0]).all() and (precise[:, :, 0] == 0).all()
+    assert torch.equal(lossy[:, :, 1:], precise[:, :, 1:])
 
 
 def test_stand_in_rejects_fp32_big_heads_and_unsupported_soc(monkeypatch):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_npu import cputhreads
 from diffusers_npu import device as dev
 from diffusers_npu.errors import UsageError
 from fake_torch_npu import SOC_910_9391, SOC_910A, SOC_950, fake_npu, install, no_npu  # noqa: F401  (fixtures)
@@ -93,6 +94,25 @@ def test_apply_device_settings_npu(fake_npu, jit):
     assert fake_npu.calls_named("set_compile_mode") == [{"name": "set_compile_mode", "jit_compile": jit}]
 
 
+def test_910a_keeps_fp32_in_fp32(monkeypatch):
+    """Below Ascend910B1 torch_npu starts in allow_fp32_to_fp16: the stand-in then computes fp32 matmuls in
+    fp16 (rule 8) -- until the device settings set must_keep_origin_dtype."""
+    fake = install(monkeypatch, soc_version=SOC_910A)
+    a = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    exact = a.double() @ a.double()
+    lowered = float((torch.matmul(a, a).double() - exact).norm() / exact.norm())
+    applied = dev.apply_device_settings("npu")
+    assert applied["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
+    assert fake.calls_named("set_option") == [{"name": "set_option",
+                                               "option": {"ACL_PRECISION_MODE": "must_keep_origin_dtype"}}]
+    kept = float((torch.matmul(a, a).double() - exact).norm() / exact.norm())
+    assert lowered > 1e-4 > 1e-6 > kept  # fp16 (11 bits) before, fp32 after
+    fake_a2 = install(monkeypatch)  # 910B: the default already keeps fp32, nothing is set
+    assert "ACL_PRECISION_MODE" not in dev.apply_device_settings("npu") and not fake_a2.calls_named("set_option")
+    with pytest.raises(ValueError, match="value of ACL_PRECISION_MODE should be in"):
+        torch.npu.set_option({"ACL_PRECISION_MODE": "allow_fp32_to_fp32"})
+
+
 def test_apply_device_settings_cpu_and_cuda(fake_npu):
     assert dev.apply_device_settings("cpu") == {}
     assert dev.apply_device_settings("cuda") == {}  # TF32 is opt-in
@@ -166,14 +186,51 @@ def test_seed_everything_does_not_import_torch_npu_needlessly(no_npu):
 
 
 # ------------------------------------------------------------------------------ SoC and status
-@pytest.mark.parametrize("version,name,fused", [(221, "Ascend910B2", True), (225, "Ascend910B4-1", True),
-                                                (SOC_910_9391, "Ascend910_9391", True), (SOC_910A, "Ascend910A", False),
-                                                (104, "Ascend910B", False), (SOC_950, "Ascend950", False),
-                                                (202, "Ascend310P3", False)])
-def test_soc_name_and_fusion_attention_gate(monkeypatch, version, name, fused):
-    install(monkeypatch, soc_version=version)
-    assert dev.npu_soc_name() == name
-    assert dev.npu_supports_fusion_attention() is fused
+# (SoC, torch_npu version) -> (name, explicit kernel, torch_npu's SDPA fused, SDPA masks with inner_precise=2).
+# Expected values come from the stand-in's own tables (fake_torch_npu: SOC_NAMES, FUSION_KERNEL_SOCS,
+# RELEASE_OF), i.e. from NpuVariables.h, the API pages and COMPATIBILITY.md -- not from src/.
+@pytest.mark.parametrize("soc,version,name,kernel,sdpa,precise", [
+    (221, "2.7.1.post8", "Ascend910B2", True, True, True),
+    (225, "2.1.0.post10", "Ascend910B4-1", True, True, False),
+    (SOC_910_9391, "2.5.1", "Ascend910_9391", True, True, False),
+    (256, "2.12.0", "Ascend910_9363", True, True, True),
+    (221, "2.1.0.post4", "Ascend910B2", True, False, False),      # 6.0.rc1: SDPA not yet fused
+    (221, "2.2.0.post2", "Ascend910B2", True, True, False),       # 6.0.rc2: fused
+    (SOC_950, "2.9.0.post2", "Ascend950", True, True, False),     # 26.0.0: the 950 in both
+    (SOC_950, "2.8.0.post2", "Ascend950", False, False, False),   # 7.3.0: no 950 support yet
+    (SOC_910A, "2.7.1.post8", "Ascend910A", False, False, True),  # first generation: nothing fused
+    (104, "2.7.1.post8", "Ascend910B", False, False, True),
+    (202, "2.7.1.post8", "Ascend310P3", False, False, True)])
+def test_soc_and_release_gates(monkeypatch, soc, version, name, kernel, sdpa, precise):
+    from fake_torch_npu import ASCEND910B1, FUSION_KERNEL_SOCS, SOC_NAMES, release_at_least
+
+    install(monkeypatch, soc_version=soc, version=version)
+    assert dev.npu_soc_name() == name and dev.torch_npu_version() == version
+    assert dev.npu_supports_fusion_attention() is kernel
+    assert dev.npu_sdpa_is_fused() is sdpa
+    assert dev.npu_sdpa_masks_precise() is precise
+    # the expectations above agree with the stand-in's own tables
+    assert SOC_NAMES[soc].replace("_1", "-1") == name
+    assert kernel == (soc in FUSION_KERNEL_SOCS or (soc == SOC_950 and release_at_least(version, "26.0.0")))
+    assert sdpa == (soc >= ASCEND910B1 and release_at_least(version, "26.0.0" if soc == SOC_950 else "6.0.rc2"))
+
+
+def test_every_soc_of_torch_npus_enum_is_named(monkeypatch):
+    from fake_torch_npu import SOC_NAMES
+
+    for soc, name in SOC_NAMES.items():
+        install(monkeypatch, soc_version=soc)
+        assert dev.npu_soc_name() == name.replace("_1", "-1"), soc  # the project writes 910B4-1 as CANN does
+
+
+def test_fusion_attention_env_overrides_the_table(monkeypatch):
+    install(monkeypatch, soc_version=SOC_910A)
+    monkeypatch.setenv(dev.FUSION_ATTENTION_ENV, "1")
+    assert dev.npu_supports_fusion_attention() is True
+    monkeypatch.setenv(dev.FUSION_ATTENTION_ENV, "0")
+    install(monkeypatch)
+    monkeypatch.setenv(dev.FUSION_ATTENTION_ENV, "0")
+    assert dev.npu_supports_fusion_attention() is False
 
 
 def test_unknown_soc_version_falls_back_to_the_device_name(monkeypatch):
@@ -202,9 +259,61 @@ def test_make_grad_scaler_npu_uses_torch_npus_own(fake_npu):
     scaler = dev.make_grad_scaler("npu:0", init_scale=1024.0)
     assert type(scaler) is fake_npu.npu.amp.GradScaler and scaler.get_scale() == 1024.0
     sharded = dev.make_grad_scaler("npu", sharded=True)
-    assert type(sharded) is fake_npu.npu.amp.sharded_grad_scaler.ShardedGradScaler
-    assert [c["name"] for c in fake_npu.calls] == ["GradScaler", "ShardedGradScaler"]
+    # the private class, reached through torch's patched name; torch_npu has no public ShardedGradScaler
+    assert type(sharded) is fake_npu.npu.amp.sharded_grad_scaler._ShardedGradScaler and sharded._device == "npu"
+    assert not hasattr(fake_npu.npu.amp.sharded_grad_scaler, "ShardedGradScaler")
+    assert [c["name"] for c in fake_npu.calls] == ["GradScaler", "_ShardedGradScaler"]
     assert dev.make_grad_scaler("npu", enabled=False).is_enabled() is False
+
+
+def test_sharded_scaler_without_torchs_patch_uses_the_private_class(monkeypatch, fake_npu):
+    from torch.distributed.fsdp import sharded_grad_scaler
+
+    real = sharded_grad_scaler.ShardedGradScaler.__mro__[-2]  # torch.amp.GradScaler: not torch_npu's
+    monkeypatch.setattr(sharded_grad_scaler, "ShardedGradScaler", real)
+    assert type(dev.make_grad_scaler("npu", sharded=True)) is fake_npu.npu.amp.sharded_grad_scaler._ShardedGradScaler
+
+
+@pytest.mark.parametrize("direction", ["cuda->npu", "npu->cuda"])
+def test_scaler_state_crosses_devices(monkeypatch, direction):
+    """A CUDA fp16 checkpoint's scaler state resumes on NPU (torch_npu's load_state_dict reads "dynamic") and
+    the other way round; refusals say why."""
+    torch_state = torch.amp.GradScaler("cpu", init_scale=512.0).state_dict()
+    torch_state["scale"] = 512.0
+    fake = install(monkeypatch)
+    npu_scaler = dev.make_grad_scaler("npu", init_scale=2.0)
+    if direction == "cuda->npu":
+        with pytest.raises(KeyError, match="dynamic"):  # what resuming did before: the stand-in is the real class
+            npu_scaler.load_state_dict(torch_state)
+        npu_scaler.load_state_dict(dev.translate_scaler_state(torch_state, npu_scaler))
+        assert npu_scaler.get_scale() == 512.0 and fake.calls_named("GradScaler")
+    else:
+        npu_state = dict(torch_state, dynamic=True)
+        cpu_scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        cpu_scaler.load_state_dict(dev.translate_scaler_state(npu_state, cpu_scaler))
+        assert cpu_scaler.get_scale() == 512.0
+        with pytest.raises(ValueError, match="static loss scale"):
+            dev.translate_scaler_state(dict(npu_state, dynamic=False), cpu_scaler)
+    with pytest.raises(ValueError, match="saved by a disabled scaler"):
+        dev.translate_scaler_state({}, npu_scaler)
+
+
+def test_precision_resume_translates_or_refuses(monkeypatch):
+    import types
+
+    from diffusers_npu.errors import CheckpointError
+    from diffusers_npu.train.precision import Precision
+
+    install(monkeypatch)
+    p = Precision("fp16", types.SimpleNamespace(type="npu"))
+    p.scaler.scale(torch.ones((), requires_grad=True))  # initialise the scale
+    cuda_state = {"scaler": {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                             "_growth_tracker": 3}, "skipped": 1, "consecutive": 0}
+    p.load_state_dict(cuda_state)
+    assert p.scaler.get_scale() == 256.0 and p.skipped == 1
+    with pytest.raises(CheckpointError, match="cannot resume the fp16 loss scaler on npu: the checkpoint's "
+                                               "loss-scaler state is empty"):
+        p.load_state_dict({"scaler": {}})
 
 
 def test_make_grad_scaler_elsewhere_is_torchs(no_npu):
@@ -233,6 +342,29 @@ def test_npu_grad_scaler_skips_an_overflow_step(fake_npu):
 
 
 # ------------------------------------------------------- the stand-in refuses what torch_npu refuses
+def test_stand_in_scaler_steps_amp_aware_optimizers_with_grad_scaler_kwarg(fake_npu):
+    """torch_npu's GradScaler.step passes grad_scaler=self to optimizers with _step_supports_amp_scaling:
+    torch's fused AdamW (which has the flag) cannot take it -- so the project never builds it on NPU."""
+    lin = torch.nn.Linear(3, 2)
+    scaler = dev.make_grad_scaler("npu")
+    fused = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+    scaler.scale(lin(torch.ones(1, 3)).sum()).backward()
+    with pytest.raises(TypeError, match="grad_scaler"):
+        scaler.step(fused)
+    from diffusers_npu.optim import build_optimizer
+
+    for name in ("adamw", "fused_adamw", "megatron_adamw"):
+        opt = build_optimizer(name, lin.parameters(), lr=0.1, grad_scaling=True)
+        assert not getattr(opt, "_step_supports_amp_scaling", False), name
+        scaler = dev.make_grad_scaler("npu")
+        scaler.scale(lin(torch.ones(1, 3)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=False)
+    assert {c["protocol"] for c in fake_npu.calls_named("GradScaler.step")} == {"grad_scaler kwarg", "host found_inf"}
+
+
+
 def test_stand_in_config_is_write_only(fake_npu):
     torch.npu.config.allow_internal_format = False
     with pytest.raises(AttributeError, match="allow_internal_format"):
@@ -290,9 +422,9 @@ def test_cpu_threads_respect_omp_num_threads(monkeypatch, threads_restored):
 
 def test_cpu_threads_share_and_probe(monkeypatch, threads_restored):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(dev, "available_cpu_cores", lambda: 4)
+    monkeypatch.setattr(cputhreads, "available_cpu_cores", lambda: 4)
     probed = []
-    monkeypatch.setattr(dev, "_thread_probe", lambda n: probed.append(n) or speed[0])
+    monkeypatch.setattr(cputhreads, "_thread_probe", lambda n: probed.append(n) or speed[0])
     assert dev.configure_cpu_threads(local_world_size=4) == (
         1, "CPU threads: 1 per process (4 core(s) for 4 process(es) on this machine)")
     assert probed == []  # one core each: nothing to decide
@@ -306,5 +438,40 @@ def test_cpu_threads_share_and_probe(monkeypatch, threads_restored):
 
 def test_thread_probe_measures_and_restores(threads_restored):
     torch.set_num_threads(1)
-    ratio = dev._thread_probe(2, budget_s=0.02)
+    ratio = cputhreads._thread_probe(2, budget_s=0.02)
     assert 0 < ratio < 100 and torch.get_num_threads() == 1
+
+
+# ------------------------------------------------------------------------- README install path
+def test_readme_ascend_install_path_matches_setup_py_and_requirements():
+    """Issue #20 item 10: the README's Ascend rows pair torch with the torch_npu built for it, inside the torch
+    range requirements.txt allows; the extras it installs exist in setup.py (npu -> torch_npu); extras are
+    installed from the checkout, never as "diffusers-npu[...]" from the package index."""
+    import ast
+    import os
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    setup = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    assert any(req.replace("-", "_").startswith("torch_npu") for req in extras["npu"])
+    torch_range = next(line.split("#")[0].strip()[len("torch"):] for line in
+                       open(os.path.join(root, "requirements.txt"), encoding="utf-8") if line.startswith("torch>="))
+    rows = re.findall(r"^\| (\d+\.\d+\.\d+) \| (\d+\.\d+\.\d+) \| (\d+\.\d+\.\d+(?:\.post\d+)?) \| CANN ([\w.]+) \| "
+                      r"([\w.]+) \|$", readme, re.M)
+    assert len(rows) >= 4
+    for torch_v, vision_v, npu_v, _cann, _release in rows:
+        assert npu_v.split(".post")[0] == torch_v  # torch_npu X.Y.Z[.postN] is built for torch X.Y.Z
+        assert Version(torch_v) in SpecifierSet(torch_range), (torch_v, torch_range)
+        minor = int(torch_v.split(".")[1])
+        assert vision_v.startswith(f"0.{minor + 15}."), (torch_v, vision_v)  # torchvision 0.(minor+15) pairs
+    installs = re.findall(r'pip install -e "\.\[([\w,]+)\]"', readme)
+    assert "npu" in ",".join(installs)
+    for group in installs:
+        for extra in group.split(","):
+            assert extra in extras, extra
+    assert "diffusers-npu[" not in readme  # an unrelated package of that name exists on the index

@@ -106,5 +106,103 @@ def test_npu_fp16_uses_torch_npus_scaler(monkeypatch, sharded):
 
     fake = install(monkeypatch)
     precision = Precision("fp16", types.SimpleNamespace(type="npu"), sharded=sharded)
-    expected = fake.npu.amp.sharded_grad_scaler.ShardedGradScaler if sharded else fake.npu.amp.GradScaler
+    expected = fake.npu.amp.sharded_grad_scaler._ShardedGradScaler if sharded else fake.npu.amp.GradScaler
     assert type(precision.scaler) is expected
+
+
+def test_inference_benchmark_refuses_channels_last_on_npu(monkeypatch):
+    """Issue #20 item 8: like training, the inference benchmark refuses --channels_last on for NPU, before
+    building anything."""
+    from diffusers_npu.benchmark import infer
+
+    fake = install(monkeypatch)
+    with pytest.raises(SystemExit, match="--channels_last on is not supported on NPU"):
+        infer.main(["--device", "npu", "--channels_last", "on"])
+    assert fake.calls_named("refused") == []  # refused by the flag check, not by the stand-in's memory-format rule
+
+
+# ------------------------------------------------- issue #19 item 3: every 8-device script's default plan
+def _scripts_8p():
+    import glob
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for path in sorted(glob.glob(os.path.join(root, "test", "*8p*.sh"))):
+        text = open(path, encoding="utf-8").read()
+        match = re.search(r'^dnpu_launch (\S+)((?: --\S+)*) "\$@"$', text, re.M)
+        if match:  # text_to_image_8p.sh takes positional settings: its variants are the scripts below
+            found.append((os.path.basename(path), match.group(1), match.group(2).split()))
+    return found
+
+
+SCRIPTS_8P = _scripts_8p()
+
+
+def _engine(a) -> str:
+    return {"deepspeed": f"zero{a.zero_stage}"}.get(a.distributed, a.distributed)
+
+
+def _planned_trainer_args(capsys, tmp_path, task, flags):
+    """The trainer command line the launcher's dry run prints for 8 NPUs."""
+    import shlex
+
+    from diffusers_npu.launch import main as launch_main
+
+    assert launch_main([f"--log_dir={tmp_path}", task, *flags, "--dry_run=1"]) == 0
+    out = capsys.readouterr().out
+    line = next((ln for ln in out.splitlines() if ln.startswith("On 8 npu devices it would run: ")), None)
+    if line is None:  # a machine that has the 8 NPUs: the plan itself is the 8-device one
+        line = next(ln for ln in out.splitlines() if ln.startswith("Launch: "))
+    argv = shlex.split(line.split(": ", 1)[1])
+    script = next(i for i, tok in enumerate(argv) if tok.endswith(".py"))
+    assert "--nproc_per_node" in argv and argv[argv.index("--nproc_per_node") + 1] == "8", line
+    return argv[script + 1:]
+
+
+def test_the_8p_scripts_are_found():
+    assert len(SCRIPTS_8P) >= 15 and {t for _, t, _ in SCRIPTS_8P} >= {"text_to_image", "text_to_image_sdxl",
+                                                                        "controlnet", "dreambooth"}
+
+
+@pytest.mark.parametrize("script,task,flags", SCRIPTS_8P, ids=[s for s, _, _ in SCRIPTS_8P])
+def test_8p_default_plan_builds_an_optimizer_its_engine_can_step(monkeypatch, capsys, tmp_path, script, task, flags):
+    """Parse the launcher's dry run of each 8-device script, resolve the trainer's NPU defaults from the command
+    it would run, and build + step that optimizer for that engine under the strict stand-in (FSDP: on DTensor
+    parameters; ZeRO: with new .grad tensors each step, as DeepSpeed assigns them)."""
+    from diffusers_npu.optim import build_optimizer
+    from diffusers_npu.train.config import DeviceInfo, parse_args, resolve_defaults
+    from diffusers_npu.train.registry import get_task
+
+    trainer_argv = _planned_trainer_args(capsys, tmp_path, task, flags)
+    task_cls = get_task(task)
+    args = parse_args(task_cls, trainer_argv)
+    a = resolve_defaults(args, DeviceInfo(kind="npu", supports_bf16=True, fusion_attention=True, world_size=8),
+                         {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "data")}, task_cls)
+    engine = _engine(a)
+    assert engine in ("ddp", "fsdp", "zero2", "zero3"), (script, a.distributed)
+    fake = install(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    params = list(model.parameters())
+    if engine == "fsdp":
+        from test_optim import _dtensor_params
+
+        params = _dtensor_params(model)
+    try:
+        opt = build_optimizer(a.optimizer, params, lr=1e-4, engine=engine)
+        for _ in range(2):
+            for p in params:
+                grad = torch.full_like(p, 0.1)
+                if engine == "fsdp" or engine.startswith("zero") or p.grad is None:
+                    p.grad = grad  # FSDP2 and ZeRO hand the optimizer new gradient tensors
+                else:
+                    p.grad.copy_(grad)
+            opt.step()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if engine in ("fsdp", "zero2", "zero3"):
+        assert not fake.calls_named("NpuFusedAdamW.combine"), "the fused optimizer met a sharded engine"

@@ -460,6 +460,8 @@ def test_stand_in_rejects_wrong_npu_apply_adam_w_calls(monkeypatch):
         fake.npu_apply_adam_w(*args, 1e-8, torch.zeros(4), None, False, False, out=(var, m, v))
     with pytest.raises(RuntimeError, match="amsgrad is only supported as False"):
         fake.npu_apply_adam_w(*args, 1e-8, g, None, True, False, out=(var, m, v))
+    with pytest.raises(RuntimeError, match="one dtype"):  # no silent cast of a gradient of another dtype
+        fake.npu_apply_adam_w(*args, 1e-8, g.half(), None, False, False, out=(var, m, v))
     fake.npu_apply_adam_w(*args, epsilon=1e-8, grad=g, out=(var, m, v))  # the documented form passes
 
 
@@ -472,11 +474,13 @@ def test_stand_in_npu_fused_adamw_contract(monkeypatch):
     a.grad = torch.ones(4)  # b has no gradient at the first step...
     opt.step()
     b.grad = torch.ones(4)  # ...so it is never combined, never updated
-    a.grad = torch.ones(4)  # and a replaced grad is not what the fused step reads
     before = (a.detach().clone(), b.detach().clone())
     opt.step()
     assert torch.equal(b.detach(), before[1])
-    assert not torch.allclose(a.detach(), before[0])  # a moved, from the stale (combined) gradient
+    assert not torch.allclose(a.detach(), before[0])  # a moved, from its combined gradient
+    a.grad = torch.ones(4)  # a replaced grad (what DeepSpeed ZeRO does) would be ignored: refused here
+    with pytest.raises(RuntimeError, match="grad was replaced after the optimizer combined"):
+        opt.step()
     with pytest.raises(ValueError, match="set_to_none is not supported"):
         opt.zero_grad(set_to_none=True)
 
@@ -493,3 +497,85 @@ def test_stand_in_npu_fused_adamw_contract(monkeypatch):
     cpu.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="must be on NPU"):
         Fused([cpu]).step()
+
+
+# ------------------------------------------------------------- optimizers per engine (issue #19 item 3)
+@pytest.mark.parametrize("engine,name,expected", [
+    ("none", "fused_adamw", "NpuFusedAdamW"), ("ddp", "fused_adamw", "NpuFusedAdamW"),
+    ("ddp", "megatron_adamw", "MegatronAdamW"), ("fsdp", "fused_adamw", "AdamW"),
+    ("fsdp", "megatron_adamw", "AdamW"), ("fsdp", "adamw", "AdamW"), ("zero2", "fused_adamw", "AdamW"),
+    ("zero3", "fused_adamw", "AdamW"), ("zero3", "megatron_adamw", "MegatronAdamW")])
+def test_npu_optimizer_is_valid_for_its_engine(monkeypatch, engine, name, expected):
+    install(monkeypatch)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = build_optimizer(name, small_model().parameters(), lr=LR, engine=engine)
+    assert type(opt).__name__ == expected
+    assert not opt.defaults.get("fused")  # torch's fused AdamW never meets torch_npu's GradScaler
+    assert bool(caught) == (expected == "AdamW" and name != "adamw")
+    with pytest.raises(ValueError, match="Unknown engine 'zero1'"):
+        build_optimizer(name, small_model().parameters(), lr=LR, engine="zero1")
+
+
+def test_npu_fused_adamw_under_zero_style_grad_replacement(monkeypatch):
+    """ZeRO assigns new .grad tensors each step: NpuFusedAdamW (engine none) is refused by the stand-in;
+    the optimizer built for engine zero2 steps the new gradients."""
+    install(monkeypatch)
+    for engine, fails in (("none", True), ("zero2", False)):
+        model = small_model()
+        opt = build_optimizer("fused_adamw", model.parameters(), lr=LR, engine=engine)
+        for step in range(2):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)  # a NEW tensor each step, as ZeRO gives the optimizer
+            if step == 1 and fails:
+                with pytest.raises(RuntimeError, match="grad was replaced"):
+                    opt.step()
+            else:
+                opt.step()
+
+
+def _dtensor_params(model):
+    """The model's parameters as 1-rank DTensors (FSDP2's parameters) on a CPU mesh."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.mktemp(prefix="dnpu-store-"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    return [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in model.parameters()]
+
+
+@pytest.fixture
+def process_group():
+    import torch.distributed as dist
+
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_npu_fsdp_dtensor_parameters(monkeypatch, process_group):
+    """FSDP2's DTensor parameters: NpuFusedAdamW is refused by the stand-in; engine='fsdp' gives torch's
+    foreach AdamW, which steps them to the float64 AdamW result; the fused clip refuses local-shard norms."""
+    fake = install(monkeypatch)
+    params = _dtensor_params(small_model())
+    for p in params:
+        p.grad = torch.distributed.tensor.distribute_tensor(torch.full(p.shape, 0.5), p.device_mesh, p.placements)
+    with pytest.raises(RuntimeError, match="DTensor parameters are not supported"):
+        fake.optim.NpuFusedAdamW(params, lr=LR).step()
+    with pytest.raises(RuntimeError, match="only this rank's shard"):
+        clip_grad_norm(fake.optim.NpuFusedAdamW(params, lr=LR), params, 1.0)
+    opt = build_optimizer("fused_adamw", params, lr=LR, weight_decay=WD, engine="fsdp")
+    before = [p.detach().full_tensor().double() for p in params]
+    opt.step()
+    ref = [b.clone().requires_grad_(True) for b in before]
+    for r in ref:
+        r.grad = torch.full(r.shape, 0.5, dtype=torch.float64)
+    torch.optim.AdamW(ref, lr=LR, weight_decay=WD, foreach=False).step()
+    assert max(rel(p.detach().full_tensor(), r.detach()) for p, r in zip(params, ref)) < 1e-6

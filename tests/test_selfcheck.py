@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,8 @@ from diffusers_npu.selfcheck.result import Result, format_table
 from fake_torch_npu import SOC_910A, install
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_NUMERIC = 4 * 3 + 1 + 3 + 2 + 3  # attention modes x dtypes, overflow, optimizers, clips, scaler steps
+N_NUMERIC = 1 + 4 * 3 + 1 + 3 + 1 + 2 + 3  # fp32, attention modes x dtypes, overflow, optimizers, resume, clips,
+N_REALSIZE = 4                              # scaler steps; real-size attention x 2 dtypes, fused kernel, UNet step
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +55,15 @@ def test_numeric_checks_pass_on_cpu():
 def test_numeric_checks_drive_the_npu_paths_through_the_stand_in(monkeypatch, soc):
     """With torch_npu's stand-in, the same checks run the NPU code: fusion attention (where the SoC has it),
     NpuFusedAdamW and its fused clip, npu_apply_adam_w -- and every call passes the stand-in's rules."""
+    from diffusers_npu import device as dev
+
     fake = install(monkeypatch, soc_version=soc)
+    dev.apply_device_settings("npu")  # what the self-check does first on an NPU (910A: keep fp32)
     results = list(numerics.numeric_checks("cpu"))
     assert [(r.check, r.note) for r in results if r.result != "pass"] == []
+    assert [r.check for r in results if r.fallback] == []  # every NPU path ran: nothing marked *
     rows = by_name(results)
+    assert rows["optimizer fused_adamw resumed from a checkpoint vs uninterrupted"].note.startswith("NpuFusedAdamW")
     flash = rows["attention flash fp16 (self+cross, masks)"].note
     if soc == 221:
         assert "npu_fusion_attention x6" in flash and fake.calls_named("npu_fusion_attention")
@@ -66,6 +73,53 @@ def test_numeric_checks_drive_the_npu_paths_through_the_stand_in(monkeypatch, so
     assert rows["clip fused_adamw vs clip_grad_norm_"].note.startswith("fused clip_grad_norm_fused_")
     assert len(fake.calls_named("npu_apply_adam_w")) >= 20 * 4  # 20 steps x 4 tensors of the small model
     assert "on the host" in rows["fp16 overflow step through the GradScaler (megatron_adamw)"].note
+
+
+def test_fp32_rows_fail_when_the_device_computes_fp32_in_fp16(monkeypatch):
+    """Issue #20 item 4: a 910A left at torch_npu's default (allow_fp32_to_fp16; the stand-in then rounds fp32
+    matmuls to fp16) fails the fp32 rows; the project's device settings make them pass."""
+    from diffusers_npu import device as dev
+
+    fake = install(monkeypatch, soc_version=SOC_910A)
+    rows = by_name(numerics.numeric_checks("cpu"))
+    fp32_rows = ["fp32 matmul/linear stay fp32 (vs float64)", "attention auto fp32 (self+cross, masks)",
+                 "attention default fp32 (self+cross, masks)"]
+    assert [rows[n].result for n in fp32_rows] == ["FAIL"] * 3, [rows[n].max_error for n in fp32_rows]
+    assert fake.calls_named("fp32_to_fp16")
+    dev.apply_device_settings("npu")
+    rows = by_name(numerics.numeric_checks("cpu"))
+    assert [rows[n].result for n in fp32_rows] == ["pass"] * 3
+
+
+def test_realsize_rows_under_the_stand_in(monkeypatch):
+    """Real-size rows (at CPU sizes) run torch_npu's fused SDPA on a 910B; the fused-kernel row fails when a
+    capable SoC did not use it, and the attention rows are then marked as a fallback."""
+    from diffusers_npu import attention
+    from diffusers_npu.selfcheck import realsize
+
+    fake = install(monkeypatch)
+    rows = list(realsize.attention_realsize_checks("cpu"))
+    assert [(r.result, r.fallback) for r in rows] == [("pass", "")] * 2, [r.note for r in rows]
+    assert "sdpa_npu_fused x15" in rows[0].note and fake.calls_named("sdpa")
+    assert realsize.fused_kernel_check("cpu").result == "pass"
+    monkeypatch.setattr(attention, "npu_auto_path", lambda dtype, masked: "upcast_fp32")  # a regression
+    broken = realsize.fused_kernel_check("cpu")
+    assert broken.result == "FAIL" and "took upcast_fp32" in broken.note
+    (fp16, _) = realsize.attention_realsize_checks("cpu")
+    assert fp16.fallback == "no fused NPU path ran on a SoC that has one"
+
+
+def test_selfcheck_says_first_which_device_and_why(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(numerics, "numeric_checks", lambda device: iter([Result("x", "pass", fallback="cpu")]))
+    from diffusers_npu.selfcheck import realsize
+
+    monkeypatch.setattr(realsize, "realsize_checks", lambda device: iter([]))
+    assert cli.main(["selfcheck", "--skip_training", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("diffusers-npu self-check: checking cpu (no NPU (")
+    assert out[0].endswith("rows marked * ran a fallback, not the NPU path)")
+    assert any(line.startswith("x ") and " pass* " in line and "FALLBACK: cpu" in line for line in out)
+    assert "1 passed, 0 failed, 0 skipped (1 on a fallback, marked *: no NPU evidence)" in out[-1]
 
 
 def test_a_wrong_result_fails_the_check_and_the_command(monkeypatch, tmp_path, capsys):
@@ -79,7 +133,7 @@ def test_a_wrong_result_fails_the_check_and_the_command(monkeypatch, tmp_path, c
     out = capsys.readouterr().out
     for r in report["results"]:  # the printed table and the JSON hold the same rows
         assert r["check"] in out
-    assert f"{report['counts']['pass']} passed, 3 failed, 0 skipped" in out
+    assert f"{report['counts']['pass']} passed, 3 failed, 1 skipped" in out  # the fused-kernel row on a CPU
 
 
 def test_unsupported_dtype_is_a_skip_with_the_reason(monkeypatch):
@@ -87,9 +141,11 @@ def test_unsupported_dtype_is_a_skip_with_the_reason(monkeypatch):
     monkeypatch.setattr(numerics, "dtype_unsupported",
                         lambda device, name: "bf16 is not supported here" if name == "bf16" else real(device, name))
     report = run_selfcheck("cpu", training=False)
-    skips = [r for r in report["results"] if r.result == "skip"]
-    assert len(skips) == 4 and all(r.note == "bf16 is not supported here" and "bf16" in r.check for r in skips)
-    assert report["all_passed"] is True and report["counts"] == {"pass": N_NUMERIC - 4, "FAIL": 0, "skip": 4}
+    skips = [r for r in report["results"] if r.result == "skip" and "bf16" in r.check]
+    assert len(skips) == 5 and all(r.note == "bf16 is not supported here" for r in skips)
+    counts = report["counts"]
+    assert report["all_passed"] is True and (counts["pass"], counts["FAIL"], counts["skip"]) == \
+        (N_NUMERIC + N_REALSIZE - 6, 0, 6)  # 5 bf16 rows and the fused-kernel row (no kernel on a CPU)
 
 
 def test_table_and_json_rows():
@@ -147,6 +203,61 @@ def test_env_npu_finds_cann_from_the_install_info(tmp_path, layouts, chosen):
     assert r.stdout.split() == [chosen, str(tmp_path / "Ascend" / chosen / "set_env.sh")]
 
 
+# What CANN's own set_env.sh does: expands the variables it extends without a default (set -u kills it).
+CANN_LIKE_SET_ENV = """export ASCEND_TOOLKIT_HOME=/opt/fake-cann
+export LD_LIBRARY_PATH=${ASCEND_TOOLKIT_HOME}/lib64:$LD_LIBRARY_PATH
+export PYTHONPATH=${ASCEND_TOOLKIT_HOME}/python/site-packages:$PYTHONPATH
+export DNPU_TEST_CANN=sourced
+"""
+
+
+def _cann_like(root):
+    (root / "Ascend" / "ascend-toolkit").mkdir(parents=True)
+    (root / "Ascend" / "ascend-toolkit" / "set_env.sh").write_text(CANN_LIKE_SET_ENV)
+    info = root / "ascend_cann_install.info"
+    info.write_text(f"Install_Path={root / 'Ascend'}\n")
+    return str(info)
+
+
+def _env_without(*names):
+    return {k: v for k, v in os.environ.items() if k not in names + ("DIFFUSERS_NPU_DEVICE", "ASCEND_TOOLKIT_HOME")}
+
+
+def test_env_npu_survives_set_u_with_a_cann_set_env_expanding_unset_variables(tmp_path):
+    info = _cann_like(tmp_path)
+    script = 'set -u; source test/env_npu.sh; echo "u=${-//[^u]/} $DNPU_TEST_CANN $LD_LIBRARY_PATH"'
+    env = dict(_env_without("LD_LIBRARY_PATH", "PYTHONPATH"), DIFFUSERS_NPU_CANN_INFO=info, HOME=str(tmp_path))
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["u=u", "sourced", "/opt/fake-cann/lib64:"]  # and -u is on again afterwards
+    # the control: the same set_env.sh under set -u without env_npu.sh's guard dies as the issue says
+    bare = subprocess.run(["bash", "-c", f"set -u; source {tmp_path}/Ascend/ascend-toolkit/set_env.sh"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "unbound variable" in bare.stderr
+
+
+def _exported_by_env_npu():
+    text = open(os.path.join(REPO, "test", "env_npu.sh"), encoding="utf-8").read()
+    return sorted(set(re.findall(r"^export ([A-Z_]+)=", text, re.M)) - {"DIFFUSERS_NPU_CANN_ENV"})
+
+
+def test_env_npu_keeps_every_exported_variable_and_guesses_no_hccl_if_ip(tmp_path):
+    names = _exported_by_env_npu()
+    assert {"TASK_QUEUE_ENABLE", "HCCL_CONNECT_TIMEOUT", "PYTORCH_NPU_ALLOC_CONF"} <= set(names)
+    mine = {name: f"user-{i}" for i, name in enumerate(names + ["HCCL_IF_IP"])}
+    show = "; ".join(f'echo "{n}=${{{n}-unset}}"' for n in mine)
+    base = dict(_env_without(*mine), DIFFUSERS_NPU_CANN_INFO=str(tmp_path / "none"), HOME=str(tmp_path))
+    r = subprocess.run(["bash", "-c", f"set -u; source test/env_npu.sh; {show}"], cwd=REPO,
+                       env=dict(base, **mine), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [f"{n}={v}" for n, v in mine.items()]  # every exported value kept
+    r = subprocess.run(["bash", "-c", f"source test/env_npu.sh; {show}"], cwd=REPO, env=base,
+                       capture_output=True, text=True, timeout=60)
+    got = dict(line.split("=", 1) for line in r.stdout.split())
+    assert got["HCCL_IF_IP"] == "unset"  # HCCL chooses its own interface
+    assert got["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+
+
 def test_env_npu_is_loud_when_torch_npu_has_no_device(tmp_path):
     pkg = tmp_path / "pkg" / "torch_npu"
     pkg.mkdir(parents=True)
@@ -173,16 +284,20 @@ def test_npu_selfcheck_script(tmp_path):
               {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(path.read_text())
-    assert report["all_passed"] and report["counts"]["pass"] == N_NUMERIC
+    assert report["all_passed"] and report["counts"]["pass"] == N_NUMERIC + N_REALSIZE - 1  # no fused kernel on a CPU: a skip
     assert report["environment"]["device"] == "cpu" and report["cpu_threads"].endswith("(OMP_NUM_THREADS=1)")
 
 
 @pytest.mark.slow
 def test_the_whole_npu_selfcheck_passes_on_cpu(tmp_path):
-    """Issue #10's acceptance: `bash test/npu_selfcheck.sh` with its training runs passes in CI on CPU."""
+    """Issue #10's acceptance: `bash test/npu_selfcheck.sh` with its training runs passes in CI on CPU -- and
+    issue #20's: with a CANN-like set_env.sh that expands unset variables, found where env_npu.sh looks,
+    and LD_LIBRARY_PATH and PYTHONPATH unset."""
     path = tmp_path / "full.json"
-    r = _bash(f"bash test/npu_selfcheck.sh --device cpu --json {path}",
-              {"DIFFUSERS_NPU_CANN_INFO": str(tmp_path / "none"), "OMP_NUM_THREADS": "1"}, timeout=900)
+    env = dict(_env_without("LD_LIBRARY_PATH", "PYTHONPATH"), DIFFUSERS_NPU_CANN_INFO=_cann_like(tmp_path),
+               HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "-c", f"bash test/npu_selfcheck.sh --device cpu --json {path}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(path.read_text())
     assert report["all_passed"] and report["counts"]["pass"] > N_NUMERIC  # the training rows ran too

@@ -3,16 +3,20 @@
 ``set_attention(model, mode)`` installs one of our processors on every plain diffusers ``Attention``
 module inside ``model`` (a UNet, a ControlNet, a VAE, or a single ``Attention``):
 
-* ``"flash"``  -- the fused kernel of the device: ``torch_npu.npu_fusion_attention`` on NPU SoCs that have
-  it (fp16/bf16 only; fp32 falls back to fp32 SDPA; SoCs without it -- e.g. the first-generation 910A --
-  use ``upcast``, see :func:`diffusers_npu.device.npu_supports_fusion_attention`), SDPA restricted to the
+* ``"flash"``  -- the fused kernel of the device: the explicit ``torch_npu.npu_fusion_attention`` on NPU
+  SoCs that have it (fp16/bf16; fp32 goes to torch_npu's SDPA, fused on SoC >= 910B1; SoCs without the
+  kernel -- e.g. the first-generation 910A -- use ``upcast``, see
+  :func:`diffusers_npu.device.npu_supports_fusion_attention`), SDPA restricted to the
   flash / memory-efficient / cuDNN backends on CUDA, plain SDPA on CPU.
 * ``"upcast"`` -- scores, mask and softmax computed in fp32 with autocast disabled, output cast back to
   the input dtype. This is the fix for fp16 overflow (``|q.k| * scale > 65504`` becomes ``inf`` in the
   classic ``baddbmm`` path, and the softmax turns it into NaN).
 * ``"auto"``   -- decided per call from the query's device and dtype (so moving or casting the model
-  after ``set_attention`` is fine): flash on NPU with fp16/bf16 and on CUDA; upcast for fp16/bf16
-  elsewhere; otherwise the same computation as diffusers' stock processor.
+  after ``set_attention`` is fine): on NPU :func:`npu_auto_path` -- torch_npu's own SDPA wherever it runs
+  the fusion kernel (SoC >= Ascend910B1 with torch_npu 6.0.rc2 or later; the 950 from 26.0.0), the explicit
+  kernel only where SDPA does not fuse or still masks with ``inner_precise=0``, fp32 scores only where fp16
+  attention has no fused kernel (910A); fused SDPA on CUDA; upcast for fp16/bf16 on the CPU; otherwise the
+  same computation as diffusers' stock processor.
 * ``"default"`` -- diffusers' stock processor, chosen the way ``Attention.__init__`` chooses it
   (``AttnProcessor2_0``, or the classic ``AttnProcessor`` when ``scale_qk=False``).
 
@@ -174,6 +178,13 @@ def _cuda_fused_sdpa(q, k, v, mask, scale):
         return _sdpa(q, k, v, mask, scale)
 
 
+def _inner_precise(npu_mask, query_len: int) -> int:
+    """2 with a mask on more than one query, else 0: torch_npu's own SDPA rule (op-plugin
+    ScaledDotProductAttentionKernelNpuOpApi.cpp ``calculate_inner_precise_for_fa``, release 26.1.0), which
+    keeps fully masked rows from losing precision; 0 is the kernel's default."""
+    return 2 if npu_mask is not None and query_len > 1 else 0
+
+
 def _npu_fusion_attention(attn: Attention, q, k, v, npu_mask):
     torch_npu = _device.get_torch_npu()
     return torch_npu.npu_fusion_attention(
@@ -188,9 +199,18 @@ def _npu_fusion_attention(attn: Attention, q, k, v, npu_mask):
         keep_prob=1.0,
         pre_tockens=_INT32_MAX,
         next_tockens=_INT32_MAX,
-        inner_precise=0,
+        inner_precise=_inner_precise(npu_mask, q.shape[2]),
         sparse_mode=0,
     )[0]
+
+
+def _npu_sdpa(q, k, v, mask, scale):
+    """SDPA on NPU tensors in the form torch_npu fuses: torch_npu's SDPA runs npu_fusion_attention only for a
+    bool mask or none (a float mask takes its unfused math path), and before release 26.1.0 it passed the
+    mask to the kernel as given, which refuses ``[B,1,1,S]`` -- so the mask goes in as B1SS/BNSS bool
+    (True = attend). Raises ValueError for a soft additive bias (see :func:`npu_bool_mask`)."""
+    keep = None if mask is None else ~npu_bool_mask(mask, q.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, scale=scale)
 
 
 # -------------------------------------------------------------------------------------- processors
@@ -282,10 +302,24 @@ class _DiffusersNpuAttnProcessor:
         self._count("upcast_fp32")
         return _upcast_attention(q, k, v, mask, attn.scale)
 
+    def _run_npu_sdpa(self, attn, q, k, v, mask):
+        """torch_npu's SDPA (fused on this machine, see device.npu_sdpa_is_fused); a soft additive mask, which
+        it would run unfused, takes the fp32-safe path instead."""
+        try:
+            out = _npu_sdpa(q, k, v, mask, attn.scale)
+        except ValueError as exc:
+            _warn_once("npu_sdpa_softmask", f"{exc}; using the fp32 attention path for such calls.")
+            return self._run_upcast(attn, q, k, v, mask) if q.dtype in _HALF_DTYPES else \
+                self._run_sdpa(attn, q, k, v, mask)
+        self._count("sdpa_npu_fused")
+        return out
+
     def _run_flash(self, attn, q, k, v, mask):
         """Device's fused kernel; falls back (fp32-safe) when the kernel cannot take the inputs."""
         kind = _device.tensor_device_type(q)
         if kind == "npu":
+            if q.dtype not in _HALF_DTYPES and _device.npu_sdpa_is_fused():
+                return self._run_npu_sdpa(attn, q, k, v, mask)  # fp32: torch_npu's SDPA fuses it
             if not _device.npu_supports_fusion_attention():
                 # No fusion kernel on this SoC (e.g. 910A): the fp32-safe path for half, plain SDPA for fp32.
                 return self._run_upcast(attn, q, k, v, mask) if q.dtype in _HALF_DTYPES else \
@@ -337,15 +371,46 @@ class UpcastAttnProcessor(_DiffusersNpuAttnProcessor):
         return self._run_upcast(attn, q, k, v, mask)
 
 
+def npu_auto_path(dtype: torch.dtype, masked: bool) -> str:
+    """What ``auto`` runs on this NPU for ``dtype`` (and a mask or not): one of ``"sdpa_npu_fused"``,
+    ``"npu_fusion_attention"``, ``"upcast_fp32"``, ``"sdpa"``.
+
+    * torch_npu's SDPA fuses here (SoC >= Ascend910B1 with a recent enough torch_npu): SDPA, as diffusers'
+      stock processor would -- except with a mask on a torch_npu older than 26.1.0, whose SDPA passes
+      ``inner_precise=0``: there the explicit kernel with ``inner_precise=2`` (the newer SDPA's own setting).
+    * the explicit kernel exists but SDPA does not fuse (older torch_npu): the explicit kernel for fp16/bf16.
+    * no fused fp16/bf16 attention at all (the first-generation 910): fp32 scores ("upcast").
+    * fp32 elsewhere: SDPA.
+    """
+    half = dtype in _HALF_DTYPES
+    kernel = half and _device.npu_supports_fusion_attention()
+    if _device.npu_sdpa_is_fused():
+        if masked and kernel and not _device.npu_sdpa_masks_precise():
+            return "npu_fusion_attention"
+        return "sdpa_npu_fused"
+    if kernel:
+        return "npu_fusion_attention"
+    return "upcast_fp32" if half else "sdpa"
+
+
 class AutoAttnProcessor(_DiffusersNpuAttnProcessor):
-    """Decides per call: flash on NPU fp16/bf16 and CUDA; upcast for other fp16/bf16; else stock SDPA."""
+    """Decides per call: on NPU :func:`npu_auto_path`; fused SDPA on CUDA; upcast for other fp16/bf16; else
+    stock SDPA."""
 
     mode = "auto"
 
     def _attend(self, attn, q, k, v, mask):
         kind = _device.tensor_device_type(q)
         half = q.dtype in _HALF_DTYPES
-        if (kind == "npu" and half) or kind == "cuda":
+        if kind == "npu":
+            path = npu_auto_path(q.dtype, mask is not None)
+            if path == "sdpa_npu_fused":
+                return self._run_npu_sdpa(attn, q, k, v, mask)
+            if path == "npu_fusion_attention":
+                return self._run_flash(attn, q, k, v, mask)
+            return self._run_upcast(attn, q, k, v, mask) if path == "upcast_fp32" else \
+                self._run_sdpa(attn, q, k, v, mask)
+        if kind == "cuda":
             return self._run_flash(attn, q, k, v, mask)
         if half:
             return self._run_upcast(attn, q, k, v, mask)
@@ -398,9 +463,16 @@ def describe_attention_path(mode: str, model: nn.Module) -> str:
     kind = _device.tensor_device_type(param) if param is not None else "cpu"
     if kind == "npu":
         soc = _device.npu_soc_name() or "unknown SoC"
+        where = f"{soc}, torch_npu {_device.torch_npu_version() or '?'}"
+        if key == "auto":
+            half, fp32 = npu_auto_path(torch.float16, False), npu_auto_path(torch.float32, False)
+            masked = npu_auto_path(torch.float16, True)
+            extra = f"; with a mask {masked}" if masked != half else ""
+            return f"{half} for fp16/bf16{extra}, {fp32} for fp32 ({where})"
         if not _device.npu_supports_fusion_attention():
-            return f"upcast ({soc}: no fusion attention)"
-        return f"npu_fusion_attention ({soc}) for fp16/bf16, SDPA for fp32"
+            return f"upcast ({where}: no fusion attention kernel)"
+        fp32 = "torch_npu's fused SDPA" if _device.npu_sdpa_is_fused() else "SDPA"
+        return f"npu_fusion_attention ({where}) for fp16/bf16, {fp32} for fp32"
     if kind == "cuda":
         return "fused SDPA (flash / memory-efficient / cuDNN)"
     return f"SDPA ({kind})" if key == "flash" else f"SDPA for fp32, upcast for fp16/bf16 ({kind})"
@@ -467,6 +539,7 @@ __all__ = [
     "UpcastAttnProcessor",
     "attention_mode_summary",
     "count_attention_modules",
+    "npu_auto_path",
     "describe_attention_path",
     "npu_bool_mask",
     "set_attention",

@@ -20,9 +20,7 @@ import os
 import platform
 import random
 import re
-import statistics
 import sys
-import time
 from typing import Optional, Tuple, Union
 
 import torch
@@ -170,13 +168,19 @@ def amp_device_type(device: DeviceLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------- settings
+KEEP_FP32_PRECISION_MODE = "must_keep_origin_dtype"
+
 def apply_device_settings(device: DeviceLike, jit_compile: bool = False, allow_tf32: bool = False) -> dict:
     """Apply the per-device runtime settings the project relies on. Returns what was set (for logs).
 
     * NPU: ``torch.npu.config.allow_internal_format = False`` (keep ND layouts, so tensors saved and
       reloaded behave like on other devices) and ``torch_npu.npu.set_compile_mode(jit_compile=...)`` --
       the settings upstream diffusers' NPU example scripts apply. JIT compile off uses precompiled
-      binary kernels, which avoids per-shape compilation stalls.
+      binary kernels, which avoids per-shape compilation stalls. And ``ACL_PRECISION_MODE =
+      must_keep_origin_dtype`` through ``torch.npu.set_option``: below Ascend910B1 torch_npu's default is
+      ``allow_fp32_to_fp16`` (LazyInitAclops.cpp SetPrecisionMode; EnvVariables.cpp IsAllowFP32ToFP16 feeds
+      the aclnn cube math type), i.e. "fp32" matmuls and convolutions run in fp16 -- without a loss scaler.
+      Where the default already keeps fp32 (910B1 and later) nothing is set.
     * CUDA: TF32 matmuls only if ``allow_tf32=True`` (it changes numerics, so it is opt-in).
     * CPU: nothing.
     """
@@ -189,6 +193,12 @@ def apply_device_settings(device: DeviceLike, jit_compile: bool = False, allow_t
         torch.npu.config.allow_internal_format = False
         torch_npu.npu.set_compile_mode(jit_compile=jit_compile)
         applied = {"allow_internal_format": False, "jit_compile": bool(jit_compile)}
+        soc = npu_soc_version()
+        if soc is None or soc < SOC_910B1:
+            # The option torch_npu reads at its lazy ACL initialisation and for every aclnn matmul/conv
+            # (npu_config.py _option_map lists the two values).
+            torch.npu.set_option({"ACL_PRECISION_MODE": KEEP_FP32_PRECISION_MODE})
+            applied["ACL_PRECISION_MODE"] = KEEP_FP32_PRECISION_MODE
     elif kind == "cuda":
         if allow_tf32:
             # "high" = TF32 for fp32 matmuls; the stable public switch (the allow_tf32 flags are legacy).
@@ -297,57 +307,121 @@ def supports_bf16(device: DeviceLike) -> bool:
 # ------------------------------------------------------------------------------------ NPU identity
 # torch_npu's SocVersion numbers (enum c10_npu::SocVersion in torch_npu/csrc/core/npu/NpuVariables.h):
 # 100-104 first-generation 910 ("Atlas training series"), 200-205 310P, 220-225 910B ("Atlas A2"),
-# 240-243 310B, 250-255 910_93 ("Atlas A3"), 260 Ascend950 (named Ascend910_95 in older releases).
+# 240-243 310B, 250-256 910_93 ("Atlas A3"), 260 Ascend950 (named Ascend910_95 in older releases).
 _SOC_NAMES = {
     100: "Ascend910PremiumA", 101: "Ascend910ProA", 102: "Ascend910A", 103: "Ascend910ProB", 104: "Ascend910B",
     200: "Ascend310P1", 201: "Ascend310P2", 202: "Ascend310P3", 203: "Ascend310P4", 204: "Ascend310P5",
     205: "Ascend310P7", 220: "Ascend910B1", 221: "Ascend910B2", 222: "Ascend910B2C", 223: "Ascend910B3",
     224: "Ascend910B4", 225: "Ascend910B4-1", 240: "Ascend310B1", 241: "Ascend310B2", 242: "Ascend310B3",
     243: "Ascend310B4", 250: "Ascend910_9391", 251: "Ascend910_9392", 252: "Ascend910_9381",
-    253: "Ascend910_9382", 254: "Ascend910_9372", 255: "Ascend910_9362", 260: "Ascend950",
+    253: "Ascend910_9382", 254: "Ascend910_9372", 255: "Ascend910_9362", 256: "Ascend910_9363", 260: "Ascend950",
 }
-# SoCs whose fusion-attention kernel (aclnnFlashAttentionScore, behind torch_npu.npu_fusion_attention) is
-# documented: torch_npu's API page lists "Atlas A2 训练系列产品" (910B1..910B4-1) only
-# (Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md); CANN's kernel page
-# adds Atlas A3 (910_93xx) and marks 950PR/950DT unsupported (cann/ops-transformer
-# attention/flash_attention_score/docs/aclnnFlashAttentionScore.md); CANN 7.0's aclnn page says the first
-# generation ("Atlas 训练系列产品", 910/910A) is not supported. "Ascend910B" alone (104) is first generation.
-_FUSION_ATTENTION_SOC = re.compile(r"^Ascend910B\d|^Ascend910_93\d\d")
+_SOC_BY_NAME = {name: number for number, name in _SOC_NAMES.items()}
+# torch_npu compares SocVersion numbers, never names: "GetSocVersion() >= SocVersion::Ascend910B1" gates its
+# SDPA fusion (op-plugin ScaledDotProductAttentionKernelNpuOpApi.cpp) and its fp32 precision default
+# (torch_npu LazyInitAclops.cpp SetPrecisionMode); "< Ascend950" picks the kernel generation. So do we.
+SOC_910B1, SOC_950 = 220, 260
+# npu_fusion_attention itself (aclnnFlashAttentionScore): Atlas A2 (220-225) and A3 (250-256) in every
+# release that has it (torch_npu-npu_fusion_attention.md; CANN aclnnFlashAttentionScore.md); the 950 from
+# op-plugin 26.0.0 on (its 950 branch calls aclnnFlashAttentionScoreV4, FlashAttentionKernelNpuOpApi.cpp);
+# not the first-generation 910 ("Atlas 训练系列产品不支持该算子") nor the 310 inference parts.
+_FUSION_KERNEL_SOCS = set(range(220, 226)) | set(range(250, 257))
 FUSION_ATTENTION_ENV = "DIFFUSERS_NPU_FUSION_ATTENTION"  # "1"/"0" overrides the SoC table (e.g. for a new SoC)
+
+# torch_npu package version -> the first Ascend Extension for PyTorch release with a feature. Each entry
+# is (table of {torch base version: first .postN with it}, first torch base version where every build has
+# it); from Ascend/pytorch COMPATIBILITY.md (package version <-> branch v<torch>-<release>):
+#   6.0.rc2: 2.1.0.post6, 2.2.0.post2, 2.3.1  -> torch_npu's SDPA dispatches to npu_fusion_attention on
+#            SoC >= Ascend910B1 for fp16/bf16/fp32, bool or no mask (op-plugin v2r1 SDPA kernel, 6.0.rc2)
+#   26.0.0:  2.7.1.post4, 2.8.0.post4, 2.9.0.post2, 2.10.0 -> Ascend950 in SDPA and npu_fusion_attention
+#   26.1.0:  2.7.1.post8, 2.9.0.post6, 2.10.0.post4, 2.11.0 -> SDPA passes inner_precise=2 with a mask and
+#            broadcasts [B,1,1,S]-style masks itself (op-plugin 9f593387, calculate_inner_precise_for_fa)
+_RELEASE_6_0_RC2 = ({(2, 1, 0): 6, (2, 2, 0): 2, (2, 3, 1): 0}, (2, 4, 0))
+_RELEASE_26_0_0 = ({(2, 7, 1): 4, (2, 8, 0): 4, (2, 9, 0): 2}, (2, 10, 0))
+_RELEASE_26_1_0 = ({(2, 7, 1): 8, (2, 9, 0): 6, (2, 10, 0): 4}, (2, 11, 0))
+
+
+def _torch_npu_has(release, version: Optional[str]) -> bool:
+    """Whether torch_npu ``version`` (e.g. "2.1.0.post8", "2.10.0+gitabc") is of ``release`` or later."""
+    match = re.match(r"\s*(\d+)\.(\d+)\.(\d+)(?:\.post(\d+))?", str(version or ""))
+    if not match:
+        return False
+    base, post = tuple(int(x) for x in match.groups()[:3]), int(match.group(4) or 0)
+    table, every_build_from = release
+    if base >= every_build_from:
+        return True
+    return base in table and post >= table[base]
+
+
+def npu_soc_version() -> Optional[int]:
+    """torch_npu's SocVersion number of this machine's NPU, or None (no torch_npu, or it cannot say)."""
+    if "soc_version" not in _npu_facts:
+        number = None
+        npu = _torch_npu_namespace()
+        if npu is not None:
+            try:
+                number = int(npu.get_soc_version())
+            except Exception:  # older torch_npu without the call, or no device: read the device name instead
+                try:
+                    number = _SOC_BY_NAME.get(str(npu.get_device_name(0)).strip())
+                except Exception:
+                    number = None
+        _npu_facts["soc_version"] = number
+    return _npu_facts["soc_version"]
 
 
 def npu_soc_name() -> Optional[str]:
     """This machine's Ascend SoC (e.g. ``"Ascend910B2"``), or None without torch_npu. Asked once: from
     ``torch_npu.npu.get_soc_version()`` through the table above, else the device name (CANN reports the SoC)."""
     if "soc" not in _npu_facts:
-        name = None
-        npu = _torch_npu_namespace()
-        if npu is not None:
-            version = None
+        number = npu_soc_version()
+        name = _SOC_NAMES.get(number) if number is not None else None
+        if name is None and _torch_npu_namespace() is not None:
             try:
-                version = int(npu.get_soc_version())
-            except Exception:  # older torch_npu without the call, or no device
-                pass
-            name = _SOC_NAMES.get(version)
-            if name is None:
-                try:
-                    name = str(npu.get_device_name(0)).strip() or None
-                except Exception:
-                    name = f"SoC version {version}" if version is not None else None
+                name = str(torch.npu.get_device_name(0)).strip() or None
+            except Exception:
+                name = f"SoC version {number}" if number is not None else None
         _npu_facts["soc"] = name
     return _npu_facts["soc"]
 
 
+def torch_npu_version() -> Optional[str]:
+    torch_npu = get_torch_npu()
+    return None if torch_npu is None else str(getattr(torch_npu, "__version__", "") or "") or None
+
+
 def npu_supports_fusion_attention() -> bool:
-    """Whether ``torch_npu.npu_fusion_attention`` runs on this SoC (``_FUSION_ATTENTION_SOC``); False without
-    torch_npu. ``DIFFUSERS_NPU_FUSION_ATTENTION=1`` / ``=0`` overrides the table."""
+    """Whether the explicit ``torch_npu.npu_fusion_attention`` kernel runs on this SoC with this torch_npu
+    (``_FUSION_KERNEL_SOCS``; the 950 from release 26.0.0); False without torch_npu.
+    ``DIFFUSERS_NPU_FUSION_ATTENTION=1`` / ``=0`` overrides the table."""
     env = os.environ.get(FUSION_ATTENTION_ENV, "").strip()
     if env in ("0", "1"):
         return env == "1"
-    if "fusion_attention" not in _npu_facts:
-        soc = npu_soc_name()
-        _npu_facts["fusion_attention"] = bool(soc and _FUSION_ATTENTION_SOC.match(soc))
-    return _npu_facts["fusion_attention"]
+    soc = npu_soc_version()
+    if soc is None:
+        return False
+    if soc == SOC_950:
+        return _torch_npu_has(_RELEASE_26_0_0, torch_npu_version())
+    return soc in _FUSION_KERNEL_SOCS  # a SoC unknown to this table: no (the variable above overrides)
+
+
+def npu_sdpa_is_fused() -> bool:
+    """Whether torch_npu's own ``scaled_dot_product_attention`` runs the fusion kernel here (for fp16/bf16/fp32
+    BNSD inputs with a bool or no mask, head dim <= 512): SoC >= Ascend910B1 and torch_npu of release 6.0.rc2
+    or later (26.0.0 or later on the 950). Then diffusers' stock SDPA is already fused on this machine."""
+    soc = npu_soc_version()
+    if soc is None or soc < SOC_910B1:
+        return False
+    version = torch_npu_version()
+    if soc >= SOC_950:
+        return _torch_npu_has(_RELEASE_26_0_0, version)
+    return _torch_npu_has(_RELEASE_6_0_RC2, version)
+
+
+def npu_sdpa_masks_precise() -> bool:
+    """Whether torch_npu's SDPA passes ``inner_precise=2`` with a mask (release 26.1.0 on; before it passed 0,
+    which loses precision on fully masked rows)."""
+    return _torch_npu_has(_RELEASE_26_1_0, torch_npu_version())
 
 
 def npu_status() -> Tuple[bool, str]:
@@ -376,39 +450,56 @@ def npu_status() -> Tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------------------ loss scaling
+def _npu_sharded_scaler_class():
+    """torch_npu's FSDP loss scaler. No torch_npu release has a public ``ShardedGradScaler``: there is the
+    private ``torch_npu.npu.amp.sharded_grad_scaler._ShardedGradScaler`` (6.0.0 to 26.x), which torch_npu's
+    distributed patch installs as ``torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler``
+    (torch_npu/_init/patches/distributed_patches.py ``_apply_sharded_grad_scaler_patch``). The patched name
+    is preferred (the public route); the private class where the patch is not applied."""
+    import importlib
+
+    try:
+        cls = importlib.import_module("torch.distributed.fsdp.sharded_grad_scaler").ShardedGradScaler
+        if str(getattr(cls, "__module__", "")).startswith("torch_npu"):
+            return cls
+    except (ImportError, AttributeError):
+        pass
+    try:
+        return importlib.import_module("torch_npu.npu.amp.sharded_grad_scaler")._ShardedGradScaler
+    except (ImportError, AttributeError):
+        return None
+
+
 def make_grad_scaler(device: DeviceLike, enabled: bool = True, sharded: bool = False, **kwargs):
     """The fp16 loss scaler for ``device`` (``kwargs``: init_scale, growth_interval, ...).
 
-    * NPU: torch_npu's own ``torch.npu.amp.GradScaler`` (sharded: torch_npu's ``ShardedGradScaler``). Unlike
-      ``torch.amp.GradScaler("npu")`` it clears the float-status overflow flag on SoCs without inf/nan
-      support (910A saturation mode), all-reduces the overflow decision across ranks, and unscales
-      NpuFusedAdamW's combined gradient buffer in one call (torch_npu/npu/amp/grad_scaler.py). It reads the
-      overflow flag on the host every step (``.item()``): the NPU fp16 step synchronises.
+    * NPU: torch_npu's own ``torch.npu.amp.GradScaler`` (sharded: torch_npu's ``_ShardedGradScaler``, see
+      :func:`_npu_sharded_scaler_class`). Unlike ``torch.amp.GradScaler("npu")`` it clears the float-status
+      overflow flag on SoCs without inf/nan support (910A saturation mode), all-reduces the overflow decision
+      across ranks, and unscales NpuFusedAdamW's combined gradient buffer in one call
+      (torch_npu/npu/amp/grad_scaler.py). It reads the overflow flag on the host every step (``.item()``):
+      the NPU fp16 step synchronises. For optimizers that set ``_step_supports_amp_scaling`` it calls
+      ``optimizer.step(grad_scaler=self)`` instead, which torch's own optimizers do not accept, so
+      :func:`diffusers_npu.optim.build_optimizer` never hands such an optimizer to it.
     * CUDA / CPU: ``torch.amp.GradScaler(device_type)``; sharded (FSDP): torch's ``ShardedGradScaler``.
 
     Needs torch >= 2.3 for CPU (the first release with a CPU GradScaler); CUDA and NPU work from 2.1.
     """
+    import inspect
+
     kind = device_type(device)
     if kind == "npu":
         npu = _require_npu_namespace("make_grad_scaler")
-        if sharded:
-            import importlib
-
-            try:
-                cls = importlib.import_module("torch_npu.npu.amp.sharded_grad_scaler").ShardedGradScaler
-            except (ImportError, AttributeError):
-                cls = None
-            if cls is not None:
-                return cls(enabled=enabled, **kwargs)
-        else:
-            cls = getattr(getattr(npu, "amp", None), "GradScaler", None)
-            if cls is not None:
-                return cls(enabled=enabled, **kwargs)  # takes no device argument: it is NPU-only
-    elif kind not in ("cuda", "cpu"):
+        cls = _npu_sharded_scaler_class() if sharded else getattr(getattr(npu, "amp", None), "GradScaler", None)
+        if cls is None:
+            raise RuntimeError(f"this torch_npu has no {'sharded ' if sharded else ''}loss scaler "
+                               f"({'torch_npu.npu.amp.sharded_grad_scaler._ShardedGradScaler' if sharded else 'torch.npu.amp.GradScaler'})")
+        if sharded and "device" in inspect.signature(cls.__init__).parameters:
+            kwargs["device"] = "npu"
+        return cls(enabled=enabled, **kwargs)  # the non-sharded one takes no device argument: it is NPU-only
+    if kind not in ("cuda", "cpu"):
         raise ValueError(f"Unknown device {device!r}; expected one of {VALID_DEVICES}.")
     if sharded:
-        import inspect
-
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         if "device" in inspect.signature(ShardedGradScaler.__init__).parameters:  # torch >= 2.2
@@ -425,77 +516,37 @@ def make_grad_scaler(device: DeviceLike, enabled: bool = True, sharded: bool = F
                      f"use --mixed_precision bf16 or no")
 
 
-# ------------------------------------------------------------------------------------- CPU threads
-_PROBE_MIN_SPEEDUP = 1.25  # more threads must be clearly faster: on busy cores they were 3x slower, not 1.6x faster
+# The keys torch's GradScaler.state_dict() writes; torch_npu's adds "dynamic" and its load_state_dict reads it
+# unconditionally (torch_npu/npu/amp/grad_scaler.py), so a CUDA/CPU checkpoint fails there with KeyError.
+_TORCH_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
-def available_cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+def translate_scaler_state(state: dict, scaler) -> dict:
+    """A loss-scaler state saved on one device, in the form ``scaler`` (built for this device) loads.
 
-
-def _thread_probe(threads: int, budget_s: float = 0.1) -> float:
-    """How much faster ``threads`` threads run a UNet-like convolution than 1 (ratio of medians). The two
-    settings alternate, so load that comes and goes during the probe hits both alike."""
-    old = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 128, 8, 8, generator=gen)
-    w = torch.randn(128, 128, 3, 3, generator=gen)
-    times = {1: [], threads: []}
-    try:
-        with torch.no_grad():
-            for n in (threads, 1):  # warm-up: builds the thread pool and picks the kernels
-                torch.set_num_threads(n)
-                torch.nn.functional.conv2d(x, w, padding=1)
-            end = time.perf_counter() + budget_s
-            while time.perf_counter() < end or len(times[1]) < 3:
-                for n in (1, threads):
-                    torch.set_num_threads(n)
-                    start = time.perf_counter()
-                    torch.nn.functional.conv2d(x, w, padding=1)
-                    times[n].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(old)
-    return statistics.median(times[1]) / max(statistics.median(times[threads]), 1e-9)
-
-
-def configure_cpu_threads(local_world_size: int = 1) -> Tuple[int, str]:
-    """Choose and set torch's CPU thread count; returns ``(threads, one-line reason for the log)``.
-
-    ``OMP_NUM_THREADS`` wins when set. Otherwise each of the ``local_world_size`` processes on this machine
-    gets its share of the cores, and uses all of its share only if a 0.1 s probe shows that to be clearly
-    faster than one thread. Measured on a 2-core machine with the embedded default step (batch 64): idle,
-    2 threads 114 img/s against 70 for 1; with the other core busy, 2 threads 20 img/s against 68 for 1.
+    torch's state -> torch_npu's scaler: ``dynamic`` = True is added (torch's scaler is always dynamic).
+    torch_npu's state -> torch's scaler: ``dynamic`` is dropped when True; a static (``dynamic=False``) scale
+    has no equivalent in torch's scaler and is refused, as is an empty state (saved by a disabled scaler).
+    Raises ValueError with the reason.
     """
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env:
-        try:
-            threads = int(env.split(",")[0])  # OMP allows a per-nesting-level list: "4,2"
-            if threads < 1:
-                raise ValueError
-        except ValueError:
-            from .errors import UsageError
+    if not state:
+        raise ValueError("the checkpoint's loss-scaler state is empty (it was saved by a disabled scaler)")
+    missing = [k for k in ("scale", "growth_factor", "backoff_factor", "growth_interval") if k not in state]
+    if missing:
+        raise ValueError(f"the checkpoint's loss-scaler state lacks {', '.join(missing)}")
+    state = dict(state)
+    if hasattr(scaler, "_dynamic"):  # torch_npu's scalers (the sharded one inherits it)
+        state.setdefault("dynamic", True)
+    elif "dynamic" in state:
+        if not state.pop("dynamic"):
+            raise ValueError("the checkpoint was saved with a static loss scale (torch_npu GradScaler "
+                             "dynamic=False), which torch's GradScaler cannot continue")
+    state.setdefault("_growth_tracker", 0)
+    return state
 
-            raise UsageError(f"OMP_NUM_THREADS={env!r} is not a positive whole number of threads") from None
-        torch.set_num_threads(threads)
-        return threads, f"CPU threads: {threads} per process (OMP_NUM_THREADS={env})"
-    cores = available_cpu_cores()
-    procs = max(1, int(local_world_size))
-    share = max(1, cores // procs)
-    if share == 1:
-        torch.set_num_threads(1)
-        return 1, f"CPU threads: 1 per process ({cores} core(s) for {procs} process(es) on this machine)"
-    speedup = _thread_probe(share)
-    if speedup >= _PROBE_MIN_SPEEDUP:
-        threads, why = share, f"a probe ran {share} threads {speedup:.1f}x as fast as 1"
-    else:
-        threads, why = 1, (f"a probe ran {share} threads only {speedup:.2f}x as fast as 1: the cores look busy; "
-                           f"set OMP_NUM_THREADS to choose")
-    torch.set_num_threads(threads)
-    return threads, f"CPU threads: {threads} per process ({why})"
+
+# CPU threads live in cputhreads.py (not device-specific); re-exported here, where callers have found them.
+from .cputhreads import available_cpu_cores, configure_cpu_threads  # noqa: E402,F401
 
 
 def _require_npu_namespace(what: str):
@@ -508,7 +559,8 @@ def _require_npu_namespace(what: str):
 __all__ = [
     "ENV_VAR", "FUSION_ATTENTION_ENV", "VALID_DEVICES", "amp_device_type", "apply_device_settings",
     "available_cpu_cores", "configure_cpu_threads", "detect_device", "device_name", "device_type",
-    "empty_cache", "get_torch_npu", "is_npu_available", "make_grad_scaler", "npu_soc_name", "npu_status",
-    "npu_supports_fusion_attention", "peak_memory_bytes", "reset_peak_memory", "seed_everything",
-    "supports_bf16", "synchronize", "tensor_device_type"
+    "empty_cache", "get_torch_npu", "is_npu_available", "make_grad_scaler", "npu_sdpa_is_fused",
+    "npu_sdpa_masks_precise", "npu_soc_name", "npu_soc_version", "npu_status", "npu_supports_fusion_attention",
+    "peak_memory_bytes", "reset_peak_memory", "seed_everything", "supports_bf16", "synchronize",
+    "tensor_device_type", "torch_npu_version", "translate_scaler_state"
 ]

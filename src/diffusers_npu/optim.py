@@ -30,6 +30,8 @@ from . import device as _device
 
 
 OPTIMIZER_NAMES = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
+# The parallel engines an optimizer is built for (the engine object of train/ passes its name).
+ENGINES = ("none", "ddp", "fsdp", "zero2", "zero3")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -69,6 +71,10 @@ def _unwrap(optimizer):
         seen.add(id(optimizer))
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or hasattr(tensor, "device_mesh")
 
 
 def _torch_adamw(params, lr, betas, eps, weight_decay, **impl):
@@ -202,7 +208,14 @@ def build_optimizer(
     grad_scaling: bool = False,
     engine: str = "none",
 ) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups).
+    """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups), valid
+    for the parallel ``engine`` (one of ``ENGINES``) that will step it.
+
+    On NPU the torch_npu optimizers are only valid without sharding (``none`` / ``ddp``), see
+    :func:`npu_engine_substitute`: under ``fsdp`` (FSDP2's DTensor parameters, which ``npu_combine_tensors``
+    and ``npu_apply_adam_w`` cannot take) and under ``zero2`` / ``zero3`` (DeepSpeed assigns new ``.grad``
+    tensors, while NpuFusedAdamW keeps stepping the buffers it combined at its first step) every name becomes
+    torch's foreach AdamW (the same maths), with a warning.
 
     ``engine`` is the training engine that will step it (``none|ddp|fsdp|zero2|zero3``, from
     :class:`~diffusers_npu.train.engine.Engine`); it does not change the choice yet.
@@ -216,9 +229,17 @@ def build_optimizer(
     key = str(name).strip().lower()
     if key not in OPTIMIZER_NAMES:
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}.")
+    engine = str(engine).strip().lower()
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; expected one of {', '.join(ENGINES)}.")
     params = _materialize(params)
     kind = _params_device_type(params)
     betas = tuple(betas)
+    if kind == "npu":
+        why = npu_engine_substitute(key, engine)
+        if why is not None:
+            warnings.warn(f"{key} under {engine} on NPU: {why}; using torch's foreach AdamW (the same update).")
+            return _torch_adamw(params, lr, betas, eps, weight_decay, foreach=True)
 
     if key == "adamw":
         if grad_scaling and kind in ("cuda", "cpu"):
@@ -252,9 +273,30 @@ def build_optimizer(
     except ImportError as exc:
         raise ImportError(
             "Optimizer 'adamw_8bit' needs bitsandbytes, which is not installed: pip install bitsandbytes "
-            "(or pip install diffusers-npu[8bit])."
+            "(or, from the checkout, pip install -e \".[8bit]\")."
         ) from exc
     return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def npu_engine_substitute(name: str, engine: str) -> Optional[str]:
+    """Why optimizer ``name`` cannot run under ``engine`` on NPU (None = it can). One rule for
+    :func:`build_optimizer` and the launcher's plan.
+
+    * ``fsdp``: FSDP2 hands the optimizer DTensor parameters; NpuFusedAdamW flattens them with
+      ``npu_combine_tensors`` and MegatronAdamW calls ``npu_apply_adam_w``, neither of which takes DTensors
+      (torch_npu registers no DTensor sharding strategy for them); torch's foreach AdamW steps DTensors.
+    * ``zero2`` / ``zero3``: DeepSpeed's ZeRO optimizer gives the wrapped optimizer flat fp32 partitions and
+      assigns them new ``.grad`` tensors each step; NpuFusedAdamW combines gradient buffers once, at its first
+      step (torch_npu optim/npu_fused_optim_base.py), and would step stale buffers from then on.
+    * torch's *fused* AdamW is never used on NPU: torch_npu's GradScaler calls ``optimizer.step(grad_scaler=
+      self)`` for optimizers with ``_step_supports_amp_scaling`` (torch_npu/npu/amp/grad_scaler.py), which
+      torch's AdamW.step does not accept.
+    """
+    if engine == "fsdp" and name in ("fused_adamw", "megatron_adamw"):
+        return "FSDP2's DTensor parameters cannot be combined or passed to torch_npu's AdamW kernels"
+    if engine in ("zero2", "zero3") and name == "fused_adamw":
+        return "ZeRO assigns new .grad tensors after NpuFusedAdamW combined the old ones at its first step"
+    return None
 
 
 def supports_sync_free_amp(optimizer) -> bool:
@@ -323,6 +365,11 @@ def clip_grad_norm(
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     inner = _unwrap(optimizer)
     fused_clip = getattr(inner, "clip_grad_norm_fused_", None)
+    if callable(fused_clip) and any(_is_dtensor(p) for p in params):
+        # The fused clip measures the tensors this rank holds: under sharding that is the local shard's norm,
+        # not the global one torch's clip computes from DTensors.
+        raise RuntimeError("clip_grad_norm: the fused clip measures only this rank's shard of sharded "
+                           "(DTensor) parameters; build the optimizer with engine='fsdp'")
 
     if accelerator is not None:
         if callable(fused_clip):
@@ -367,10 +414,12 @@ def zero_grad(optimizer, set_to_none: bool = True) -> None:
 
 
 __all__ = [
+    "ENGINES",
     "OPTIMIZER_NAMES",
     "MegatronAdamW",
     "build_optimizer",
     "clip_grad_norm",
+    "npu_engine_substitute",
     "optimizer_name_from_flags",
     "supports_sync_free_amp",
     "zero_grad",

@@ -168,6 +168,9 @@ def _main(a) -> dict:
         raise SystemExit("error: --batch_sizes must be >= 1, --steps >= 2, --repeats >= 1")
     if not variants or any(v not in VARIANTS for v in variants):
         raise SystemExit(f"error: --variants: choose from {','.join(VARIANTS)}")
+    if a.channels_last == "on" and device == "npu":
+        # as training refuses it: torch_npu's _to_copy accepts only contiguous/preserve formats
+        raise SystemExit("error: --channels_last on is not supported on NPU (torch_npu refuses the memory format)")
     compile_unet = a.compile == "on" or (a.compile == "auto" and device == "cuda")
     channels_last = {"on": True, "off": False}.get(a.channels_last, channels_last_policy(device, compile_unet))
 

@@ -86,7 +86,7 @@ def deepspeed_text(plan: Plan) -> Optional[str]:
     import importlib.util
 
     missing = "" if importlib.util.find_spec("deepspeed") else \
-        " (deepspeed is not installed here: pip install 'diffusers-npu[deepspeed]')"
+        " (deepspeed is not installed here: pip install --no-build-isolation -e '.[deepspeed]' in the checkout)"
     return f"DeepSpeed config (ZeRO-{stage}), as the trainer builds it{missing}:\n{text}"
 
 

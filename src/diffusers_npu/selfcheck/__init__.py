@@ -5,9 +5,13 @@ CI on the CPU (and on CUDA where a GPU is lent), so the same script is known to 
 It checks, on the device: every attention mode against float64 (self- and cross-attention, masks, fp32 /
 fp16 / bf16 where the device has them); each optimizer 20 steps against float64 ``torch.optim.AdamW``; the
 fused clip against ``torch.nn.utils.clip_grad_norm_`` (plain and under a GradScaler); an fp16 overflow step
-through the GradScaler; and short training runs of the ``tiny`` preset in the launchers' precision x
-optimizer x attention combinations. It prints one table (check, result, max error, time) and writes it as
-JSON; the exit status is 0 only if nothing failed (a check the device cannot run is a "skip", with why).
+through the GradScaler; fp32 matmuls against float64 (fp32 computed in fp16 fails); a resume of the fused
+optimizer; attention forward and backward at SD 1.5 / 2.1 / SDXL shapes, whether the fused kernel really ran,
+and a real-sized UNet training step (reduced sizes on the CPU, see ``realsize``); and short training runs of
+the ``tiny`` preset in the launchers' precision x optimizer x attention combinations. It first prints which
+device it checks and why, then one table (check, result, max error, time); rows that ran a fallback instead
+of the NPU path are marked ``*``. The exit status is 0 only if nothing failed (a check the device cannot run
+is a "skip", with why).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .result import Result, format_table
 
@@ -38,10 +42,30 @@ def environment(device: str) -> dict:
     usable, why = dev.npu_status()
     env["npu_status"] = why
     if usable:
-        torch_npu = dev.get_torch_npu()
-        env.update(soc=dev.npu_soc_name(), fusion_attention=dev.npu_supports_fusion_attention(),
-                   torch_npu=getattr(torch_npu, "__version__", "?"))
+        env.update(soc=dev.npu_soc_name(), soc_version=dev.npu_soc_version(), torch_npu=dev.torch_npu_version(),
+                   fusion_attention=dev.npu_supports_fusion_attention(), sdpa_fused=dev.npu_sdpa_is_fused(),
+                   sdpa_masks_precise=dev.npu_sdpa_masks_precise())
     return env
+
+
+def device_choice(requested: Optional[str]) -> Tuple[str, str]:
+    """``(device, why)``: the device the self-check will check and one line saying why -- printed first, so
+    that nobody reads a CPU run as NPU evidence."""
+    from .. import device as dev
+
+    device = dev.detect_device(requested)
+    usable, npu_why = dev.npu_status()
+    if requested:
+        why = "chosen with --device"
+    elif os.environ.get(dev.ENV_VAR, "").strip() not in ("", "auto"):
+        why = f"chosen by ${dev.ENV_VAR}"
+    elif device == "npu":
+        why = f"detected: {npu_why}"
+    else:
+        why = f"no NPU ({npu_why})" + ("; a CUDA GPU was found" if device == "cuda" else "; no CUDA GPU either")
+    if device != "npu":
+        why += ": rows marked * ran a fallback, not the NPU path"
+    return device, why
 
 
 def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: int = 10,
@@ -49,6 +73,7 @@ def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: in
     """Run every check on ``device`` (detected when None); returns the report (``results``: Result rows)."""
     from .. import device as dev
     from .numerics import numeric_checks
+    from .realsize import realsize_checks
     from .training import training_checks
 
     device = dev.detect_device(device)
@@ -63,7 +88,7 @@ def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: in
     workdir = workdir or tempfile.mkdtemp(prefix="dnpu-selfcheck-")
     results: List[Result] = report["results"]
     try:
-        checks = [numeric_checks(device)]
+        checks = [numeric_checks(device), realsize_checks(device)]
         if training:
             checks.append(training_checks(device, workdir, steps=steps))
         if nproc > 1:  # the multi-process section (distributed.py)
@@ -81,6 +106,7 @@ def run_selfcheck(device: Optional[str] = None, training: bool = True, steps: in
     report["seconds"] = time.perf_counter() - started
     report["all_passed"] = not any(r.result == "FAIL" for r in results)
     report["counts"] = {k: sum(r.result == k for r in results) for k in ("pass", "FAIL", "skip")}
+    report["counts"]["fallback"] = sum(bool(r.fallback) for r in results)
     return report
 
 
@@ -120,11 +146,10 @@ def _main(args) -> int:
         raise UsageError(f"--nproc must be between 1 and 8 (got {args.nproc})")
     device = None if args.device in (None, "auto") else args.device
     try:
-        from .. import device as dev
-
-        dev.detect_device(device)
+        device, why = device_choice(device)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"--device: {exc}") from None
+    print(f"diffusers-npu self-check: checking {device} ({why})", flush=True)
 
     def progress(r: Result) -> None:
         print(f"  {r.result:<4} {r.check} ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
@@ -137,7 +162,9 @@ def _main(args) -> int:
     print(format_table(report["results"]))
     path = write_report(report, args.json)
     c = report["counts"]
-    print(f"{c['pass']} passed, {c['FAIL']} failed, {c['skip']} skipped in {report['seconds']:.0f}s; wrote {path}")
+    fallback = f" ({c['fallback']} on a fallback, marked *: no NPU evidence)" if c["fallback"] else ""
+    print(f"{c['pass']} passed, {c['FAIL']} failed, {c['skip']} skipped{fallback} in {report['seconds']:.0f}s; "
+          f"wrote {path}")
     return 0 if report["all_passed"] else EXIT_FAILED
 
 

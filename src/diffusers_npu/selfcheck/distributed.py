@@ -93,7 +93,7 @@ def distributed_checks(device: str, nproc: int, workdir: str, seed: int = 0) -> 
     for engine in ENGINES:
         name = f"{nproc} processes x batch 1 vs 1 x batch {nproc}: {engine}"
         if engine not in engines:
-            yield Result(name, "skip", note="DeepSpeed is not installed (pip install 'diffusers-npu[deepspeed]')")
+            yield Result(name, "skip", note="DeepSpeed is not installed (pip install --no-build-isolation -e '.[deepspeed]' in the checkout)")
             continue
         run = report["runs"].get(engine)
         argv = ["torchrun", "--nproc_per_node", str(nproc), "...", *spec["argv"][engine]]

@@ -17,6 +17,7 @@ from torch import nn
 from .. import device as dev
 from ..attention import set_attention
 from ..optim import _unwrap, build_optimizer, clip_grad_norm, supports_sync_free_amp, zero_grad
+from .realsize import device_kind, fallback_for_attention
 from .result import Result
 
 ATTENTION_MODES = ("auto", "flash", "upcast", "default")
@@ -123,7 +124,10 @@ def attention_checks(device: str, seed: int = 0) -> Iterator[Result]:
                 worst, case = max(errors)
                 tol = ATTENTION_TOL[dtype_name]
                 note = "paths: " + ", ".join(f"{p} x{n}" for p, n in sorted(paths.items())) + f"; worst: {case}"
-                return Result("", "pass" if worst < tol else "FAIL", worst, tol, note=note)
+                result = Result("", "pass" if worst < tol else "FAIL", worst, tol, note=note)
+                if mode in ("flash", "auto") and dtype_name != "fp32":
+                    result.fallback = fallback_for_attention(device_kind(device), paths)
+                return result
 
             yield _timed(name, body)
     yield _timed("attention fp16 overflow (auto, upcast)", lambda: _overflow_attention(device))
@@ -200,9 +204,20 @@ def optimizer_checks(device: str, steps: int = 20, seed: int = 0) -> Iterator[Re
             worst = max(_rel(p, r.detach()) for p, r in zip(params, ref_params))
             moved = min(float((r.detach() - i).norm() / i.norm()) for r, i in zip(ref_params, initial))
             ok = worst < OPTIMIZER_TOL and moved > 1e-2  # agreeing with a reference that moved means something
-            return Result("", "pass" if ok else "FAIL", worst, OPTIMIZER_TOL, note=_implementation(opt))
+            return Result("", "pass" if ok else "FAIL", worst, OPTIMIZER_TOL, note=_implementation(opt),
+                          fallback=_optimizer_fallback(device, name, opt))
 
         yield _timed(f"optimizer {name} {steps} steps vs float64 AdamW", body)
+
+
+def _optimizer_fallback(device: str, name: str, opt) -> str:
+    """What ran instead of torch_npu's optimizer kernels ("" = they ran, or ``name`` has none)."""
+    kind = device_kind(device)
+    if name == "fused_adamw" and type(_unwrap(opt)).__name__ != "NpuFusedAdamW":
+        return f"{_implementation(opt)} on {kind}, not torch_npu's NpuFusedAdamW"
+    if name == "megatron_adamw" and kind != "npu":
+        return f"torch ops on {kind}, not npu_apply_adam_w"
+    return ""
 
 
 # ------------------------------------------------------------------------------------- clipping
@@ -222,7 +237,7 @@ def clip_checks(device: str, seed: int = 0) -> Iterator[Result]:
             ref_norm = float(torch.nn.utils.clip_grad_norm_(ref_params, 1.0))
             scaler = None
             if scaled:  # gradients arrive multiplied by the loss scale: the clip must unscale them first
-                scaler = dev.make_grad_scaler(device, init_scale=1024.0)
+                scaler = dev.make_grad_scaler(device_kind(device), init_scale=1024.0)
                 loss = sum((p * g.to(device, p.dtype)).sum() for p, g in zip(params, grads))
                 scaler.scale(loss).backward()
             else:
@@ -238,7 +253,8 @@ def clip_checks(device: str, seed: int = 0) -> Iterator[Result]:
             worst = max(errs)
             fused = callable(getattr(_unwrap(opt), "clip_grad_norm_fused_", None))
             note = ("fused clip_grad_norm_fused_" if fused else "torch clip_grad_norm_") + f" via {_implementation(opt)}"
-            return Result("", "pass" if worst < CLIP_TOL else "FAIL", worst, CLIP_TOL, note=note)
+            return Result("", "pass" if worst < CLIP_TOL else "FAIL", worst, CLIP_TOL, note=note,
+                          fallback="" if fused else f"torch's clip on {device_kind(device)}, not the fused clip")
 
         yield _timed("clip fused_adamw" + (" under GradScaler (unscaled first)" if scaled else "")
                      + " vs clip_grad_norm_", body)
@@ -257,7 +273,7 @@ def scaler_checks(device: str, seed: int = 0) -> Iterator[Result]:
             torch.manual_seed(seed)
             lin = nn.Linear(8, 4).to(device)
             opt = build_optimizer(name, lin.parameters(), lr=1e-2, grad_scaling=True)
-            scaler = dev.make_grad_scaler(device, init_scale=2.0**16)
+            scaler = dev.make_grad_scaler(device_kind(device), init_scale=2.0**16)
             kind = dev.amp_device_type(device)
 
             def step(x):
@@ -280,17 +296,74 @@ def scaler_checks(device: str, seed: int = 0) -> Iterator[Result]:
                                         ("finite step did not train", trained), ("scale changed", kept)) if not ok]
             sync = "on the device" if supports_sync_free_amp(opt) else "on the host (.item())"
             note = "; ".join(problems) or f"skipped, scale 65536 -> 32768; overflow decided {sync}"
-            return Result("", "FAIL" if problems else "pass", note=f"{note}; {type(scaler).__module__}")
+            npu_scaler = type(scaler).__module__.startswith("torch_npu")
+            return Result("", "FAIL" if problems else "pass", note=f"{note}; {type(scaler).__module__}",
+                          fallback="" if npu_scaler else f"torch's GradScaler on {device_kind(device)}, not torch_npu's")
 
         yield _timed(label, body)
 
 
+# ----------------------------------------------------------------------------- fp32 is fp32
+FP32_TOL = 1e-5  # fp32 matmuls of 256 terms land near 1e-7; fp16 compute (11 bits) near 5e-4
+
+
+def fp32_check(device: str, seed: int = 0) -> Result:
+    """fp32 matmul and linear on the device against float64: fails where the device computes "fp32" in fp16
+    (torch_npu's allow_fp32_to_fp16 default below Ascend910B1, unless the device settings keep fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(256, 256, generator=gen, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(256, generator=gen, dtype=torch.float64)
+    f = lambda t: t.float().to(device)  # noqa: E731
+    mm = torch.matmul(f(a), f(b))
+    lin = torch.nn.functional.linear(f(a), f(b), f(bias))
+    rnd = lambda t: t.float().double()  # noqa: E731
+    worst = max(_rel(mm, rnd(a) @ rnd(b)), _rel(lin, rnd(a) @ rnd(b).T + rnd(bias)))
+    note = "matmul, linear" + ("" if worst < FP32_TOL else ": the device computes fp32 in lower precision")
+    return Result("", "pass" if worst < FP32_TOL else "FAIL", worst, FP32_TOL, note=note)
+
+
+def fused_resume_check(device: str, seed: int = 0, steps: int = 3) -> Result:
+    """fused_adamw (NpuFusedAdamW on NPU) saved after ``steps`` steps and resumed into a new model and optimizer
+    continues exactly like the run that was not interrupted."""
+    import io
+
+    gen = torch.Generator().manual_seed(seed + 3)
+    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in _small_model(seed).parameters()]
+             for _ in range(2 * steps)]
+
+    def run(model, opt, chunk):
+        params = list(model.parameters())
+        for g in chunk:
+            _set_grads(params, g)
+            opt.step()
+
+    model = _small_model(seed).to(device)
+    opt = build_optimizer("fused_adamw", list(model.parameters()), lr=1e-2)
+    run(model, opt, grads[:steps])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    run(model, opt, grads[steps:])
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location=device, weights_only=True)
+    resumed = _small_model(seed + 1).to(device)
+    resumed.load_state_dict(saved["model"])
+    opt2 = build_optimizer("fused_adamw", list(resumed.parameters()), lr=1e-2)
+    opt2.load_state_dict(saved["optimizer"])
+    run(resumed, opt2, grads[steps:])
+    worst = max(_rel(p, q.detach().to("cpu", torch.float64)) for p, q in zip(resumed.parameters(), model.parameters()))
+    tol = 1e-6
+    return Result("", "pass" if worst < tol else "FAIL", worst, tol, note=f"{_implementation(opt2)}, {steps}+{steps} steps",
+                  fallback=_optimizer_fallback(device, "fused_adamw", opt2))
+
+
 def numeric_checks(device: str, seed: int = 0) -> Iterator[Result]:
+    yield _timed("fp32 matmul/linear stay fp32 (vs float64)", lambda: fp32_check(device, seed))
     yield from attention_checks(device, seed)
     yield from optimizer_checks(device, seed=seed)
+    yield _timed("optimizer fused_adamw resumed from a checkpoint vs uninterrupted", lambda: fused_resume_check(device, seed))
     yield from clip_checks(device, seed)
     yield from scaler_checks(device, seed)
 
 
-__all__ = ["attention_checks", "clip_checks", "dtype_unsupported", "numeric_checks", "optimizer_checks",
-           "scaler_checks"]
+__all__ = ["attention_checks", "clip_checks", "dtype_unsupported", "fp32_check", "fused_resume_check",
+           "numeric_checks", "optimizer_checks", "scaler_checks"]

@@ -12,7 +12,7 @@ on disk, collective decisions). The loop (loop.py) reads the same for every engi
                ranks; the blocks in :data:`FSDP_WRAP_CLASSES` are the wrapping units; parameters are gathered
                in the autocast dtype and gradients reduced in fp32.
 * ``zero2`` / ``zero3`` -- DeepSpeed ZeRO stage 2 / 3 through accelerate's DeepSpeed plugin (optional
-               dependency, ``pip install diffusers-npu[deepspeed]``). DeepSpeed owns loss scaling, gradient
+               dependency, ``pip install --no-build-isolation -e ".[deepspeed]" in the checkout``). DeepSpeed owns loss scaling, gradient
                clipping (``gradient_clipping`` = ``--max_grad_norm``) and the optimizer step, which it takes
                inside ``backward`` of the last micro-batch of a step.
 
@@ -108,7 +108,7 @@ def _deepspeed_plugin(args):
         import deepspeed  # noqa: F401  (only whether it imports)
     except ImportError:
         raise UsageError("--distributed deepspeed needs DeepSpeed, which is not installed: "
-                         "pip install 'diffusers-npu[deepspeed]' (or pip install deepspeed)") from None
+                         "pip install --no-build-isolation -e '.[deepspeed]' in the checkout (or pip install --no-build-isolation deepspeed)") from None
     from accelerate.utils import DeepSpeedPlugin
 
     cfg = deepspeed_config(args.zero_stage, args.mixed_precision, args.train_batch_size,

@@ -2,8 +2,10 @@
 
 Done here rather than by accelerate because accelerate's CPU path silently ignores fp16: this way the same
 GradScaler behaviour (skip on overflow, unscale before clipping) runs on every device, tests included. The
-scaler comes from the device layer (torch_npu's own on NPU, torch's ShardedGradScaler under FSDP). Under
-DeepSpeed the engine owns precision and loss scaling, and this class neither autocasts nor scales.
+scaler comes from the device layer (torch_npu's own on NPU, torch's ShardedGradScaler under FSDP -- on NPU the
+class torch_npu patches in for it, its private ``_ShardedGradScaler``). A checkpoint's scaler state from another
+device is translated on resume. Under DeepSpeed the engine owns precision and loss scaling, and this class
+neither autocasts nor scales.
 
 No host synchronisation per step: after each step the scale is recorded as a device tensor; at a flush
 (:meth:`flush`) the recorded scales are read once. A step was skipped exactly when the scale went down.
@@ -17,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,17 @@ class Precision:
                 "skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        """Resume the scaler; a state saved on another device (torch's scaler on CUDA/CPU, torch_npu's on NPU)
+        is translated by :func:`diffusers_npu.device.translate_scaler_state`, or refused with the reason."""
+        if self.scaler is not None and state.get("scaler") is not None:
+            from ..device import translate_scaler_state
+
+            try:
+                translated = translate_scaler_state(state["scaler"], self.scaler)
+            except ValueError as exc:
+                raise CheckpointError(f"cannot resume the fp16 loss scaler on {self.device.type}: {exc}; resume "
+                                    f"with --mixed_precision bf16 or no, or start a new run") from None
+            self.scaler.load_state_dict(translated)
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
         self._last_scale = None

@@ -80,10 +80,12 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     _switch(g, "--enable_pin_memory", "pin host memory in the DataLoader (faster host-to-device copies)")
     _switch(g, "--enable_persistent_workers", "keep DataLoader workers alive between epochs")
     _switch(g, "--cache_latents",
-            "encode images (VAE) and captions (text encoders) once into an on-disk cache and train from it; the "
-            "encoders then leave the device")
+            "encode images (VAE) and captions (text encoders) once into a sharded on-disk cache (every process "
+            "encodes a share; an interrupted build resumes) and train from it, reading only each batch's rows; "
+            "the encoders then leave the device")
     g.add_argument("--cache_dir", default=None, metavar="FOLDER",
-                   help="where the latent cache lives; default $DIFFUSERS_NPU_HOME/cache")
+                   help="where the latent cache lives, a folder every process (every node) sees; default "
+                        "$DIFFUSERS_NPU_HOME/cache/latents")
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="sd-model-finetuned", metavar="FOLDER",

@@ -91,6 +91,8 @@ def data(t) -> None:
 
 
 def cached(t, dataset):
+    """The sharded latent cache for the run (checked; built or repaired by ALL ranks, each its share of the
+    shards; global main writes the index), as the data set. The folder must be one every process sees."""
     from ..data.cache import CachedDataset, LatentCache
     from ..embedded import home
 
@@ -98,8 +100,8 @@ def cached(t, dataset):
     encode_images, encode_prompts, key = task.cache_encoders()
     root = a.cache_dir or os.path.join(home(), "cache", "latents")
     cache = LatentCache.load_or_build(root, key, dataset, encode_images, encode_prompts, a.random_flip,
-                                      progress=rt.is_main and t.show_bar, is_main=rt.is_local_main,
-                                      wait_fn=rt.barrier)
+                                      progress=rt.is_main and t.show_bar, rank=rt.rank,
+                                      world_size=rt.world_size, barrier=rt.barrier)
     empty = None
     if a.proportion_empty_prompts:
         empty = {k: v[0] for k, v in encode_prompts([""]).items()}

@@ -184,8 +184,8 @@ def test_a_reader_holds_no_more_than_its_open_shards(tmp_path):
 def test_training_from_a_repaired_cache_is_identical(tmp_path, monkeypatch, caplog):
     from trainkit import same_weights, train, weights
 
-    monkeypatch.setattr(cache_build, "TARGET_SHARD_BYTES", 64 << 10)  # several shards from the digits
-    flags = ["--cache_latents", "--cache_dir", tmp_path / "cache", "--max_train_samples", "256"]
+    monkeypatch.setattr(cache_build, "TARGET_SHARD_BYTES", 24 << 10)  # several shards from the digits
+    flags = ["--cache_latents", "--cache_dir", tmp_path / "cache", "--max_train_samples", "96"]
     first = train("text_to_image", tmp_path / "a", *flags, steps=2)
     folder = first["cache"]["folder"]
     index = json.load(open(os.path.join(folder, "index.json")))
@@ -200,3 +200,88 @@ def test_training_from_a_repaired_cache_is_identical(tmp_path, monkeypatch, capl
     damaged = [r for r in caplog.records if "does not match its checksum" in r.getMessage()]
     assert len(damaged) == 1 and second["cache"] == {"folder": folder, "hit": False}
     assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------------------------------ streaming
+def write_parquet_shards(folder, embedded_paths, files=3, groups=2, rows_per_group=8, sizes=True):
+    """Digits as parquet shards (files x row groups), square, wide and tall, with width/height columns."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+    from PIL import Image
+
+    src = load_dataset(embedded_paths["dataset"], split="train")
+    os.makedirs(folder, exist_ok=True)
+    i = 0
+    for f in range(files):
+        table = []
+        for _ in range(groups * rows_per_group):
+            w, h = [(16, 16), (32, 16), (16, 32)][i % 3]
+            buf = io.BytesIO()
+            src[i]["image"].resize((w, h), Image.NEAREST).save(buf, "PNG")
+            row = {"image": {"bytes": buf.getvalue(), "path": None}, "text": src[i]["text"]}
+            if sizes:
+                row.update(width=w, height=h)
+            table.append(row)
+            i += 1
+        pq.write_table(pa.Table.from_pylist(table), os.path.join(folder, f"part-{f:05d}.parquet"),
+                       row_group_size=rows_per_group)
+    return folder
+
+
+def test_streaming_buckets_from_stored_sizes_and_resumes_bit_identically(tmp_path, monkeypatch, embedded_paths):
+    import signal
+
+    from diffusers_npu.data import buckets as buckets_mod
+    from diffusers_npu.train.loop import Trainer
+    from diffusers_npu.train.tasks.text_to_image import TextToImageModule
+    from trainkit import argv, main_rc, same_weights, train, weights
+
+    data = write_parquet_shards(str(tmp_path / "shards"), embedded_paths)
+    monkeypatch.setattr(buckets_mod, "image_sizes", lambda *a, **k: pytest.fail("an image header was opened"))
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("the data set was copied locally"))
+    seen = []
+    real = TextToImageModule.forward
+
+    def spy(self, batch):
+        seen.append((tuple(batch["pixel_values"].shape[-2:]), batch["index"].tolist()))
+        return real(self, batch)
+
+    monkeypatch.setattr(TextToImageModule, "forward", spy)
+    flags = ["--dataset_name", data, "--streaming", "--shuffle_buffer_size", "16", "--aspect_ratio_buckets",
+             "--random_flip", "--resume_from_checkpoint", "latest"]
+    train("text_to_image", tmp_path / "straight", *flags, steps=6, batch=2)
+    assert len({s for s, _ in seen}) == 3  # three buckets from the stored sizes, one shape per batch
+    for shape, index in seen:  # a batch lies in one window of 16 rows (2 row groups) and one bucket
+        assert len({i // 16 for i in index}) == 1 and len({i % 3 for i in index}) == 1
+    real_step, calls = Trainer.train_step, []
+
+    def preempted(self, loader):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, loader)
+
+    monkeypatch.setattr(Trainer, "train_step", preempted)
+    rc, out, _ = main_rc("text_to_image", argv(tmp_path / "split", 6, *flags, batch=2))
+    assert rc == 0 and json.load(open(tmp_path / "split" / "train_summary.json"))["exit_reason"] == "preempted"
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train("text_to_image", tmp_path / "split", *flags, steps=6, batch=2)
+    assert same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+    assert not same_weights(weights(tmp_path / "straight"), weights(embedded_paths["model"]))
+
+
+def test_streaming_refuses_buckets_without_stored_sizes_and_other_sources(tmp_path, embedded_paths, capsys):
+    from trainkit import argv, main_rc
+
+    data = write_parquet_shards(str(tmp_path / "shards"), embedded_paths, files=1, groups=1, sizes=False)
+    rc, _, err = main_rc("text_to_image", argv(tmp_path / "o", 1, "--dataset_name", data, "--streaming",
+                                               "--aspect_ratio_buckets"), capsys)
+    assert rc != 0 and err.strip().splitlines()[-1].startswith(
+        "error: --aspect_ratio_buckets with --streaming needs the image sizes stored with the data: integer "
+        "'width' and 'height' columns")
+    rc, _, err = main_rc("text_to_image", argv(tmp_path / "o2", 1, "--dataset_name", str(tmp_path / "none"),
+                                               "--streaming"), capsys)
+    assert rc != 0 and "--streaming reads parquet shards, and there is no .parquet file there" in err

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 ROWS_FILE = "rows.safetensors"
 PLAN_FILE = "plan.json"
-TARGET_SHARD_BYTES = 64 << 20  # the build holds one shard in memory; readers never hold one
+TARGET_SHARD_BYTES = 16 << 20  # the build holds one shard in memory (readers never do); many shards balance ranks
 MAX_ROWS_PER_SHARD = 4096
 
 

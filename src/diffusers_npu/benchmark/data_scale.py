@@ -122,8 +122,9 @@ def build_worker(argv: list, out_json: str) -> None:
     ds = t.task.build_dataset()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t.rt.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     cached = build.cached(t, ds)
+    cpu = time.process_time() - cpu0  # this rank's own CPU seconds: its share of the work, whatever the load
     t.rt.barrier()
     seconds = time.perf_counter() - t0
     from ..data.cache_build import PLAN_FILE, plan_shards
@@ -135,7 +136,7 @@ def build_worker(argv: list, out_json: str) -> None:
     shards = plan_shards(np.zeros(len(ds), np.int64), 1, k)
     mine = sum(len(r) for s, (_, r) in enumerate(shards) if s % t.rt.world_size == t.rt.rank)
     with open(f"{out_json}.rank{t.rt.rank}", "w") as f:
-        json.dump({"rank": t.rt.rank, "seconds": seconds, "rss_before_mib": before, "rows_encoded": mine,
+        json.dump({"rank": t.rt.rank, "seconds": seconds, "cpu_seconds": cpu, "rss_before_mib": before, "rows_encoded": mine,
                    "shards": len(shards), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "hit": cached.cache.hit}, f)
     import torch.distributed as dist
@@ -144,7 +145,16 @@ def build_worker(argv: list, out_json: str) -> None:
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure_build(model, data, cache, work, rows, procs, port) -> dict:
+    port = port or free_port()
     out = os.path.join(work, f"build-{rows}-{procs}.json")
     argv = train_argv(model, data, cache, os.path.join(work, f"out-build-{rows}-{procs}"), 1, 16)
     spec = os.path.join(work, f"build-{rows}-{procs}.argv.json")
@@ -161,7 +171,8 @@ def measure_build(model, data, cache, work, rows, procs, port) -> dict:
     return {"rows": rows, "procs": procs, "build_s": round(ranks[0]["seconds"], 2), "wall_s": round(wall, 1),
             "peak_rss_mib": [round(r["peak_rss_mib"]) for r in ranks],
             "rss_before_build_mib": [round(r["rss_before_mib"]) for r in ranks],
-            "rows_per_rank": [r["rows_encoded"] for r in ranks], "shards": ranks[0]["shards"],
+            "rows_per_rank": [r["rows_encoded"] for r in ranks],
+            "cpu_s_per_rank": [round(r.get("cpu_seconds", 0), 1) for r in ranks], "shards": ranks[0]["shards"],
             "cache_bytes": sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cache) for f in fs)}
 
 
@@ -178,11 +189,11 @@ def measure_train(model, data, cache, work, rows, steps, batch) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| rows | processes | cache build (s) | rows encoded per rank | build peak RSS per rank (MiB) | "
-             "cache on disk (MB) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| rows | processes | cache build (s) | rows encoded per rank | CPU s per rank | build peak RSS per rank "
+             "(MiB) | cache on disk (MB) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for b in result["build"]:
-        lines.append(f"| {b['rows']:,} | {b['procs']} | {b['build_s']} | {b['rows_per_rank']} | {b['peak_rss_mib']} "
-                     f"| {b['cache_bytes'] / 1e6:,.0f} |")
+        lines.append(f"| {b['rows']:,} | {b['procs']} | {b['build_s']} | {b['rows_per_rank']} | "
+                     f"{b.get('cpu_s_per_rank')} | {b['peak_rss_mib']} | {b['cache_bytes'] / 1e6:,.0f} |")
     lines += ["", "| rows | training from the built cache: peak RSS (MiB) | steps x batch | cache hit |",
               "| --- | --- | --- | --- |"]
     for t in result["train"]:
@@ -199,7 +210,8 @@ def cli(argv=None) -> int:
     p.add_argument("--work_dir", default=None, help="where model, data and caches go (default: a temp folder, "
                    "removed at the end); needs about 3 GB per 10,000 rows")
     p.add_argument("--json", default=None, help="also write the result (with the environment) here")
-    p.add_argument("--port", type=int, default=29631, help="torchrun master port of the multi-process builds")
+    p.add_argument("--port", type=int, default=0, help="torchrun master port of the multi-process builds (default: "
+                   "a free one)")
     p.add_argument("--_build_worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._build_worker:

@@ -318,8 +318,7 @@ def test_latent_cache_round_trip_with_buckets_and_flips(tmp_path):
     cache = LatentCache.load_or_build(str(tmp_path), {"model": "fake"}, data, fake_encode_images,
                                       fake_encode_prompts, True, progress=False)
     assert cache.hit is False and cache.num_flips == 2
-    assert [tuple(m.shape) for m in cache.moments_by_bucket] == [(4, 2, 6, 20, 12), (3, 2, 6, 16, 16),
-                                                                 (3, 2, 6, 12, 20)]
+    assert [tuple(cache.moments_of(i, True).shape) for i in (0, 4, 7)] == [(6, 20, 12), (6, 16, 16), (6, 12, 20)]
     empty = {k: v[0] for k, v in fake_encode_prompts([""]).items()}
     cached = CachedDataset(cache, seed=7, random_flip=True, proportion_empty_prompts=0.3, empty_prompt=empty)
     assert cached.bucket_of_row == buckets.of_row
@@ -378,7 +377,7 @@ def test_latent_cache_leaves_out_bad_rows_and_stands_in_like_online(tmp_path):
     with pytest.raises(DataError, match=r"row 1 of the training data \(column 'image'\)"):
         LatentCache.load_or_build(str(tmp_path), {}, strict, fake_encode_images, fake_encode_prompts, False,
                                   progress=False)
-    assert not any(f.endswith(".pt") for _, _, fs in os.walk(tmp_path) for f in fs)  # nothing half-written
+    assert not any(f == "index.json" for _, _, fs in os.walk(tmp_path) for f in fs)  # never complete
     data = ImageCaptionDataset(rows, "image", "text", 32, buckets=buckets, skip_bad_images=True)
     cache = LatentCache.load_or_build(str(tmp_path), {}, data, fake_encode_images, fake_encode_prompts, False,
                                       progress=False)
@@ -399,7 +398,7 @@ def test_legacy_square_cache_view(tmp_path):
     data = ImageCaptionDataset(rows, "image", "text", 16)
     cache = LatentCache.load_or_build(str(tmp_path), {"m": 1}, data, fake_encode_images, fake_encode_prompts,
                                       False, progress=False)
-    assert tuple(cache.moments.shape) == (3, 1, 6, 8, 8)  # [rows, orientations, 2C, h, w] as before buckets
+    assert tuple(cache.stacked_moments().shape) == (3, 1, 6, 8, 8)  # [rows, orientations, 2C, h, w]
     ex = CachedDataset(cache, 0, False)[(0, 2)]
     assert "caption" in ex and ex["target_size"].tolist() == [16, 16]
 

@@ -405,11 +405,11 @@ def test_latent_cache_is_rebuilt_when_model_resolution_or_flip_change_and_reused
 
     res16 = cached_run("c", "--resolution", "16")
     assert res16["hit"] is False and res16["folder"] != first["folder"]
-    assert LatentCache(res16["folder"]).moments.shape[-1] == 8  # 16 px through the f=2 VAE
+    assert LatentCache(res16["folder"]).stacked_moments().shape[-1] == 8  # 16 px through the f=2 VAE
 
     flip = cached_run("d", "--random_flip")
     assert flip["hit"] is False and flip["folder"] not in (first["folder"], res16["folder"])
-    plain_m, flip_m = LatentCache(first["folder"]).moments, LatentCache(flip["folder"]).moments
+    plain_m, flip_m = LatentCache(first["folder"]).stacked_moments(), LatentCache(flip["folder"]).stacked_moments()
     assert tuple(plain_m.shape) == (16, 1, 8, 16, 16)  # rows, orientations, mean+std channels, h, w
     assert tuple(flip_m.shape) == (16, 2, 8, 16, 16)
     torch.testing.assert_close(flip_m[:, 0], plain_m[:, 0])

@@ -135,8 +135,16 @@ def bucketize(rows, column: str | None, resolution: int, multiple: int = 64,
               max_ratio: float = DEFAULT_MAX_RATIO, *, name: str = "the training data", skip_bad: bool = False,
               progress: bool = True) -> Buckets:
     """:func:`make_buckets` + :func:`image_sizes` + :func:`assign_buckets`; empty buckets are dropped."""
+    return buckets_from_sizes(image_sizes(rows, column, name=name, skip_bad=skip_bad, progress=progress),
+                              resolution, multiple, max_ratio, name=name)
+
+
+def buckets_from_sizes(sizes_hw: Sequence, resolution: int, multiple: int = 64,
+                       max_ratio: float = DEFAULT_MAX_RATIO, *, name: str = "the training data") -> Buckets:
+    """:func:`make_buckets` + :func:`assign_buckets` for known image sizes (``None``: unreadable); empty
+    buckets are dropped. Streaming data sets pass the sizes stored with the data."""
     sizes = make_buckets(resolution, multiple, max_ratio)
-    of_row = assign_buckets(image_sizes(rows, column, name=name, skip_bad=skip_bad, progress=progress), sizes)
+    of_row = assign_buckets(sizes_hw, sizes)
     used = sorted({b for b in of_row if b >= 0})
     if not used:
         raise DataError(f"{name}: no readable image to put in an aspect-ratio bucket")
@@ -144,4 +152,5 @@ def bucketize(rows, column: str | None, resolution: int, multiple: int = 64,
     return Buckets([sizes[b] for b in used], [remap.get(b, -1) for b in of_row])
 
 
-__all__ = ["DEFAULT_MAX_RATIO", "Buckets", "assign_buckets", "bucketize", "image_sizes", "make_buckets"]
+__all__ = ["DEFAULT_MAX_RATIO", "Buckets", "assign_buckets", "bucketize", "buckets_from_sizes", "image_sizes",
+           "make_buckets"]

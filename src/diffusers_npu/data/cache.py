@@ -1,17 +1,25 @@
-"""On-disk cache of VAE latents and text-encoder outputs (``--cache_latents``).
+"""On-disk cache of VAE latents and text-encoder outputs (``--cache_latents``), sharded and read as needed.
 
 Per row the cache stores the VAE posterior's mean and std (not one sample of it), so training from the cache
 draws fresh latents each step exactly as the online path does; with ``--random_flip`` both orientations are
 cached. Crops are deterministic in cached mode: a center crop to the row's bucket (or the square), whose
 ``original_size`` and ``crop_top_left`` (per orientation) are stored for SDXL's time ids. Text outputs are
-stored once per distinct caption (``encode_prompts`` decides what they are: ``encoder_hidden_states`` for
-SD, prompt and pooled embeddings for SDXL); a list-of-captions row keeps all of its options and the data set
-picks one per (seed, epoch, index) as online.
+stored once per distinct caption of a shard (``encode_prompts`` decides what they are: ``encoder_hidden_states``
+for SD, prompt and pooled embeddings for SDXL, any dict of tensors of any shapes for other encoders); a
+list-of-captions row keeps all of its options and the data set picks one per (seed, epoch, index) as online.
+
+Layout of a cache folder (:mod:`.cache_build` writes it, every rank a share of the shards):
+``shard-NNNNN.safetensors`` (rows of one bucket: moments, sizes, crops, the shard's captions and their
+encoder outputs), ``rows.safetensors`` (shard and position of every row), ``index.json`` (written last: the
+cache is complete only when it exists; it lists every shard with its sha256). A process reads only the rows
+of its own batches, with ``pread`` (:mod:`.shards`), so its memory does not grow with the number of rows.
+On load every shard's checksum is checked (shards spread over the ranks); a damaged one is deleted with one
+warning line and built again, never trusted.
 
 The key hashes everything the tensors depend on: what the task passes (model files, tokenizers:
 :func:`model_key_parts`), the data set (fingerprint, rows, columns), resolution, interpolation, flip and the
 bucket sizes and assignment. Change any and a new cache is built; the old one stays until removed. Writes are
-atomic (temp file, fsync, rename); ``cache.pt`` appears only when complete.
+atomic (temp file, fsync, rename).
 """
 from __future__ import annotations
 
@@ -23,13 +31,14 @@ import os
 import torch
 
 from ..errors import DataError
-from ..fsutil import fsync_file, write_json_atomic
-from .dataset import ImageCaptionDataset, caption_options, parse_key, sample_rng
+from .cache_build import INDEX_FILE, ROWS_FILE, build, shard_name, sidecar_name
+from .dataset import ImageCaptionDataset, parse_key, sample_rng
+from .shards import ShardReader, file_sha256
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-CACHE_FILE = "cache.pt"
+CACHE_FORMAT = 3  # 3: sharded (2: one cache.pt, read whole by every process)
+OPEN_SHARDS = 16  # shard files a process keeps open (their small per-row tables in memory)
 
 
 # ------------------------------------------------------------------------------------------------ the key
@@ -102,180 +111,181 @@ def clip_prompts_fn(tokenizer, text_encoder, device):
     return encode
 
 
-def _caption_column(ds, column) -> list:
-    if hasattr(ds, "select_columns"):
-        return list(ds.select_columns([column])[column])
-    return [ds[i][column] for i in range(len(ds))]
-
-
 # ------------------------------------------------------------------------------------------------ the cache
 class LatentCache:
-    """A built cache, loaded. Per bucket ``b``: ``moments_by_bucket[b]`` [n_b, F, 2C, h_b, w_b] (F = 2
-    orientations with flip, else 1). Per row: ``row_bucket``, ``row_pos`` (position in its bucket, -1: the
-    image could not be read), ``original_size`` [N, 2], ``crop_top_left`` [N, F, 2]. Text: ``text`` {field:
-    [U, ...]} for the distinct ``captions``; ``row_captions`` per row (None without a caption column)."""
+    """A built cache, opened for reading (nothing but the index and the row map is read up front).
+
+    Per row: ``row_bucket`` (-1: no bucket), ``row_shard`` and ``row_pos`` (-1: the image could not be read);
+    :meth:`moments_of`, :meth:`original_size_of`, :meth:`crop_of`, :meth:`captions_of` and :meth:`text_of` read
+    one row from its shard. ``target_sizes`` [B, 2]; ``num_flips`` (2 with flips, else 1)."""
 
     def __init__(self, folder: str):
-        path = os.path.join(folder, CACHE_FILE)
+        path = os.path.join(folder, INDEX_FILE)
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
         except FileNotFoundError as e:
-            raise DataError(f"latent cache {folder} has no {CACHE_FILE} (was it built? is the cache folder "
+            raise DataError(f"latent cache {folder} has no {INDEX_FILE} (was it built? is the cache folder "
                             f"shared by every process?)") from e
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
             raise DataError(f"latent cache {path} was written by another version; delete the folder")
         self.folder = folder
-        self.moments_by_bucket = data["moments"]
-        self.row_bucket = data["row_bucket"]
-        self.row_pos = data["row_pos"]
-        self.original_size = data["original_size"]
-        self.crop_top_left = data["crop_top_left"]
-        self.target_sizes = data["target_sizes"]
-        self.bucketed = bool(data["bucketed"])
-        self.captions = data["captions"]
-        self.row_captions = data["row_captions"]
-        self.text = data["text"]
-        self.caption_ids = {c: i for i, c in enumerate(self.captions)}
-        self.num_flips = int(self.crop_top_left.shape[1])
+        self.index = index
+        rows = ShardReader(os.path.join(folder, index["rows_file"]["file"]))
+        try:
+            self.row_shard = rows.tensor("row_shard").long()
+            self.row_pos = rows.tensor("row_pos").long()
+            self.row_bucket = rows.tensor("row_bucket").long()
+        finally:
+            rows.close()
+        self.shards = index["shards"]
+        self.target_sizes = torch.tensor(index["target_sizes"], dtype=torch.long)
+        self.bucketed = bool(index["bucketed"])
+        self.has_text = bool(index["has_text"])
+        self.num_flips = int(index["num_flips"])
         self.hit = None
-        # Pre-bucket views (one square bucket, every row readable): moments [N, F, 2C, h, w], SD text states.
-        single = len(self.moments_by_bucket) == 1 and bool((self.row_pos >= 0).all())
-        self.moments = self.moments_by_bucket[0] if single else None
-        self.text_states = self.text.get("encoder_hidden_states")
+        self._open: dict = {}  # shard id -> (reader, its small tables); at most OPEN_SHARDS, oldest closed
 
     def __len__(self) -> int:
         return int(self.row_bucket.shape[0])
 
+    def __getstate__(self):  # loader workers open their own files
+        return {**self.__dict__, "_open": {}}
+
     def good(self, index: int) -> bool:
         return int(self.row_pos[index]) >= 0
 
+    def _shard(self, index: int):
+        s = int(self.row_shard[index])
+        if s in self._open:
+            self._open[s] = self._open.pop(s)  # most recently used last
+            return self._open[s]
+        reader = ShardReader(os.path.join(self.folder, self.shards[s]["file"]))
+        tables = {"original_size": reader.tensor("original_size"), "crop_top_left": reader.tensor("crop_top_left")}
+        if self.has_text:
+            raw = reader.tensor("caption_bytes").numpy().tobytes()
+            offsets = reader.tensor("caption_offsets").tolist()
+            tables["captions"] = [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+            tables["row_offsets"] = reader.tensor("row_caption_offsets").tolist()
+            tables["row_ids"] = reader.tensor("row_caption_ids").tolist()
+        if len(self._open) >= OPEN_SHARDS:
+            self._open.pop(next(iter(self._open)))[0].close()
+        self._open[s] = (reader, tables)
+        return self._open[s]
+
     def moments_of(self, index: int, flip: bool) -> torch.Tensor:
-        b, p = int(self.row_bucket[index]), int(self.row_pos[index])
-        return self.moments_by_bucket[b][p, 1 if flip else 0]
+        """[2C, h, w]: the posterior's mean and std of row ``index`` (mirrored crop with ``flip``)."""
+        reader, _ = self._shard(index)
+        return reader.row("moments", int(self.row_pos[index]), 1 if flip else 0)
 
-    # ------------------------------------------------------------------------------------------- build
-    @staticmethod
-    def create(folder: str, parts: dict, dataset: ImageCaptionDataset, encode_images, encode_prompts,
-               random_flip: bool, progress: bool = True, batch_size: int = 16) -> "LatentCache":
-        """Encode every row of ``dataset`` (center crop, both orientations with ``random_flip``) into
-        ``folder``. Unreadable images are an error, or with the data set's ``skip_bad_images`` left out."""
-        from tqdm.auto import tqdm
+    def original_size_of(self, index: int) -> torch.Tensor:
+        return self._shard(index)[1]["original_size"][int(self.row_pos[index])]
 
-        if dataset.paired or dataset.derived:
-            raise ValueError("the latent cache holds no paired or derived images; train such tasks online")
-        n = len(dataset)
-        flips = (False, True) if random_flip else (False,)
-        if dataset.buckets is not None:
-            if dataset.buckets.of_row is None:
-                raise ValueError("caching with buckets needs the bucket of every row (Buckets.of_row)")
-            sizes, of_row = [tuple(s) for s in dataset.buckets.sizes], list(dataset.buckets.of_row)
-        else:
-            sizes, of_row = [(dataset.resolution, dataset.resolution)], [0] * n
-        row_pos = torch.full((n,), -1, dtype=torch.long)
-        original = torch.zeros(n, 2, dtype=torch.long)
-        crops = torch.zeros(n, len(flips), 2, dtype=torch.long)
-        moments, bad = [], 0
-        bar = tqdm(total=n, desc="caching latents", unit="image", disable=not progress)
-        for b, size in enumerate(sizes):
-            rows = [i for i in range(n) if of_row[i] == b]
-            chunks, pos = [], 0
-            for start in range(0, len(rows), batch_size):
-                decoded = []
-                for i in rows[start:start + batch_size]:
-                    try:
-                        decoded.append((i, dataset.decode(i)))
-                    except DataError as e:
-                        if not dataset.skip_bad_images:
-                            raise
-                        bad += 1
-                        logger.warning("latent cache: skipping %s", e)
-                if decoded:
-                    chunks.append(_encode_chunk(dataset, decoded, size, flips, encode_images, original, crops))
-                    for i, _ in decoded:
-                        row_pos[i] = pos
-                        pos += 1
-                bar.update(len(rows[start:start + batch_size]))
-            moments.append(torch.cat(chunks) if chunks else torch.zeros(0))
-        bar.close()
-        if bad:
-            logger.warning("latent cache: %d unreadable image(s) left out (--skip_bad_images)", bad)
-        if not (row_pos >= 0).any():
-            raise DataError(f"latent cache: no readable image in {dataset.name}")
-        captions, row_captions, text = [], None, {}
-        if dataset.caption_column is not None:
-            values = _caption_column(dataset.ds, dataset.caption_column)
-            row_captions = [caption_options(v, dataset.where(i, dataset.caption_column))
-                            for i, v in enumerate(values)]
-            captions = sorted({c for opts in row_captions for c in opts})
-            text = _encode_captions(captions, encode_prompts, progress)
-        data = {"format": CACHE_FORMAT, "moments": moments, "row_bucket": torch.tensor(of_row, dtype=torch.long),
-                "row_pos": row_pos, "original_size": original, "crop_top_left": crops,
-                "target_sizes": torch.tensor(sizes, dtype=torch.long), "bucketed": dataset.buckets is not None,
-                "captions": captions, "row_captions": row_captions, "text": text}
-        os.makedirs(folder, exist_ok=True)
-        write_json_atomic(os.path.join(folder, "key.json"), parts)
-        tmp = os.path.join(folder, f"{CACHE_FILE}.tmp-{os.getpid()}")
-        try:
-            torch.save(data, tmp)
-            fsync_file(tmp)
-            os.replace(tmp, os.path.join(folder, CACHE_FILE))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return LatentCache(folder)
+    def crop_of(self, index: int, flip: bool) -> torch.Tensor:
+        return self._shard(index)[1]["crop_top_left"][int(self.row_pos[index]), 1 if flip else 0]
 
+    def captions_of(self, index: int) -> list:
+        """The row's caption options (in the order of its cell)."""
+        t = self._shard(index)[1]
+        p = int(self.row_pos[index])
+        return [t["captions"][i] for i in t["row_ids"][t["row_offsets"][p]:t["row_offsets"][p + 1]]]
+
+    def text_of(self, index: int, option: int) -> dict:
+        """The encoder outputs of the row's caption option ``option``: ``{field: tensor}``."""
+        reader, t = self._shard(index)
+        p = int(self.row_pos[index])
+        cid = t["row_ids"][t["row_offsets"][p] + option]
+        return {name[5:]: reader.row(name, cid) for name in reader.entries if name.startswith("text.")}
+
+    def stacked_moments(self) -> torch.Tensor:
+        """[N, F, 2C, h, w] of a one-bucket cache whose rows were all readable, read whole (for small checks)."""
+        if len(self.target_sizes) != 1 or not bool((self.row_pos >= 0).all()):
+            raise ValueError("stacked_moments needs one bucket and every row readable")
+        return torch.stack([torch.stack([self.moments_of(i, f) for f in [False, True][:self.num_flips]])
+                            for i in range(len(self))])
+
+    # ------------------------------------------------------------------------------- load, check, build
     @staticmethod
     def load_or_build(root: str, key_parts: dict, dataset: ImageCaptionDataset, encode_images, encode_prompts,
-                      random_flip: bool, progress: bool = True, is_main: bool = True,
-                      wait_fn=None) -> "LatentCache":
-        """The cache for (``key_parts``, ``dataset``, ``random_flip``) under ``root``: loaded if it exists,
-        else built by the main process (``is_main``: the process that may write ``root``; per node when
-        ``root`` is node-local) while the others wait in ``wait_fn`` (a barrier every process calls).
-        ``encode_images`` / ``encode_prompts`` are only called when building."""
+                      random_flip: bool, progress: bool = True, rank: int = 0, world_size: int = 1, barrier=None,
+                      rows_per_shard: int | None = None) -> "LatentCache":
+        """The cache for (``key_parts``, ``dataset``, ``random_flip``) under ``root``, checked, and built or
+        repaired where needed. Every process calls it (``barrier``: a barrier over all of them; the folder must
+        be one every process sees): the shards' checksums are checked in parallel, then missing or damaged
+        shards are encoded by all ranks (:func:`.cache_build.build`) and global main writes the index.
+        ``encode_images`` / ``encode_prompts`` are only called when something is built."""
+        barrier = barrier or (lambda: None)
         parts = {"task": key_parts, "data": dataset_key_parts(dataset, random_flip), "format": CACHE_FORMAT}
         folder = os.path.join(root, key_hash(parts))
-        hit = os.path.isfile(os.path.join(folder, CACHE_FILE))
-        if not hit and is_main:
-            LatentCache.create(folder, parts, dataset, encode_images, encode_prompts, random_flip, progress)
-        if wait_fn is not None:
-            wait_fn()
-        logger.info("latent cache %s: %s", "hit" if hit else "built", folder)
+        complete = os.path.isfile(os.path.join(folder, INDEX_FILE))
+        if complete:
+            check_shards(folder, rank, world_size)
+        barrier()
+        if complete:
+            complete = _all_present(folder)
+        if not complete:
+            build(folder, parts, dataset, encode_images, encode_prompts, random_flip, rank=rank,
+                  world_size=world_size, barrier=barrier, progress=progress, rows_per_shard=rows_per_shard)
+        logger.info("latent cache %s: %s", "hit" if complete else "built", folder)
         cache = LatentCache(folder)
-        cache.hit = hit
+        cache.hit = complete
         return cache
 
 
-def _encode_chunk(dataset, decoded, size, flips, encode_images, original, crops) -> torch.Tensor:
-    """[len(decoded), F, 2C, h, w] for rows decoded together; fills their original size and crops."""
+def check_shards(folder: str, rank: int = 0, world_size: int = 1) -> list:
+    """Check this rank's share of the shards (and, on rank 0, the row map) against the index's size and
+    sha256. A damaged file is deleted with its sidecar, with one warning line, so that the build makes it again.
+    Returns the names of the files deleted."""
+    with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("format") != CACHE_FORMAT:
+        raise DataError(f"latent cache {folder} was written by another version; delete the folder")
+    files = [(s, e) for s, e in enumerate(index["shards"]) if s % world_size == rank]
+    if rank == 0:
+        files.append((None, index["rows_file"]))
+    damaged = []
+    for s, entry in files:
+        path = os.path.join(folder, entry["file"])
+        if not os.path.isfile(path):
+            continue  # the build makes it
+        if os.path.getsize(path) == entry["bytes"] and file_sha256(path) == entry["sha256"]:
+            continue
+        logger.warning("latent cache: %s does not match its checksum in %s (damaged); rebuilding it", path,
+                       INDEX_FILE)
+        os.remove(path)
+        if s is not None and os.path.exists(os.path.join(folder, sidecar_name(s))):
+            os.remove(os.path.join(folder, sidecar_name(s)))
+        damaged.append(entry["file"])
+    return damaged
+
+
+def _all_present(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:  # global main is already repairing it
+        return False
+    return os.path.isfile(os.path.join(folder, ROWS_FILE)) and all(
+        os.path.isfile(os.path.join(folder, shard_name(s))) and os.path.isfile(os.path.join(folder, sidecar_name(s)))
+        for s in range(len(index["shards"])))
+
+
+def encode_chunk(dataset, decoded, size, flips, encode_images, original, crops) -> torch.Tensor:
+    """[len(decoded), F, 2C, h, w] for rows decoded together (``decoded``: (position, images)); fills their
+    original size and crops at those positions."""
     per_flip = []
     for f, flip in enumerate(flips):
         pixels = []
-        for i, images in decoded:
+        for k, images in decoded:
             t = dataset.transform(images, size, True, flip, None)
             pixels.append(t["pixel_values"])
-            original[i] = t["original_size"]
-            crops[i, f] = t["crop_top_left"]
+            original[k] = t["original_size"]
+            crops[k, f] = t["crop_top_left"]
         m = encode_images(torch.stack(pixels))
         if m.shape[0] != len(decoded):
             raise ValueError(f"encode_images returned {m.shape[0]} rows for {len(decoded)} images")
         per_flip.append(m.detach().float().cpu())
     return torch.stack(per_flip, dim=1)
-
-
-def _encode_captions(captions: list, encode_prompts, progress: bool, batch: int = 64) -> dict:
-    from tqdm.auto import tqdm
-
-    parts: dict = {}
-    for start in tqdm(range(0, len(captions), batch), desc="caching text", disable=not progress):
-        chunk = captions[start:start + batch]
-        for key, value in encode_prompts(chunk).items():
-            if value.shape[0] != len(chunk):
-                raise ValueError(f"encode_prompts returned {value.shape[0]} rows of {key!r} for {len(chunk)} "
-                                 f"captions")
-            value = value.detach().cpu()
-            parts.setdefault(key, []).append(value.float() if value.is_floating_point() else value)
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 # --------------------------------------------------------------------------------------------- the data set
@@ -291,7 +301,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: LatentCache, seed: int, random_flip: bool, proportion_empty_prompts: float = 0.0,
                  empty_prompt=None):
-        if proportion_empty_prompts and empty_prompt is None and cache.row_captions is not None:
+        if proportion_empty_prompts and empty_prompt is None and cache.has_text:
             raise ValueError("proportion_empty_prompts needs the empty prompt's text fields (empty_prompt)")
         if random_flip and cache.num_flips < 2:
             raise ValueError(f"latent cache {cache.folder} holds one orientation; it was built without flips")
@@ -325,24 +335,22 @@ class CachedDataset(torch.utils.data.Dataset):
             raise ValueError(f"key {key}: row {index} is in bucket {int(c.row_bucket[index])}, not {bucket}")
         j, bad = self._stand_in(index)
         flip = self.random_flip and sample_rng(self.seed, epoch, j, "flip").random() < 0.5
-        out = {"latent_moments": c.moments_of(j, flip), "original_size": c.original_size[j],
-               "crop_top_left": c.crop_top_left[j, 1 if flip else 0],
-               "target_size": c.target_sizes[int(c.row_bucket[j])]}
-        if c.row_captions is not None:
-            opts = c.row_captions[j]
+        out = {"latent_moments": c.moments_of(j, flip), "original_size": c.original_size_of(j),
+               "crop_top_left": c.crop_of(j, flip), "target_size": c.target_sizes[int(c.row_bucket[j])]}
+        if c.has_text:
+            opts = c.captions_of(j)
             # The same draws as the online path: choose_caption then caption dropout, each on its own stream.
-            cap = opts[sample_rng(self.seed, epoch, j, "caption").randrange(len(opts))] if len(opts) > 1 \
-                else opts[0]
+            pick = sample_rng(self.seed, epoch, j, "caption").randrange(len(opts)) if len(opts) > 1 else 0
+            cap = opts[pick]
             if self.p_empty and sample_rng(self.seed, epoch, j, "empty").random() < self.p_empty:
                 out.update(self.empty_prompt)
                 cap = ""
             else:
-                cid = c.caption_ids[cap]
-                out.update({k: v[cid] for k, v in c.text.items()})
+                out.update(c.text_of(j, pick))
             out["caption"] = cap
         out.update(index=j, epoch=epoch, bad=bad)
         return out
 
 
-__all__ = ["CACHE_FORMAT", "CachedDataset", "LatentCache", "clip_prompts_fn", "dataset_key_parts",
-           "files_signature", "key_hash", "model_key_parts", "vae_moments_fn"]
+__all__ = ["CACHE_FORMAT", "CachedDataset", "LatentCache", "check_shards", "clip_prompts_fn", "dataset_key_parts",
+           "encode_chunk", "files_signature", "key_hash", "model_key_parts", "vae_moments_fn"]

@@ -7,6 +7,7 @@ Four sources, one result (a ``datasets.Dataset`` with an image column and a capt
                        ``dataset_infos.json``)
 * ``--local_data_dir`` a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
                        read with ``load_from_disk``
+* ``--streaming``     with ``--dataset_name``: parquet shards read in place, as needed (:mod:`.streaming`)
 * ``--train_data_dir`` an image folder with ``metadata.jsonl`` (``file_name`` + caption), read with the
                        ``imagefolder`` builder; every ``metadata.jsonl`` is checked first (see
                        :func:`check_metadata_jsonl`), because ``datasets`` reports an empty or mis-encoded one
@@ -231,5 +232,23 @@ def warn_empty_captions(ds, column: str) -> float:
     return share
 
 
+def load_streaming_rows(dataset_name, image_column=None, caption_column=None, max_train_samples=None,
+                        need_caption=True, image_columns=()) -> TrainingData:
+    """``--streaming``: the rows of the parquet shards ``dataset_name`` names (folder, file or glob), read in
+    place (:class:`~.streaming.ParquetRows`), with the columns resolved as :func:`load_training_data` does."""
+    from .streaming import ParquetRows, parquet_files
+
+    check_max_train_samples(max_train_samples)
+    if not dataset_name:
+        raise DataError("--streaming reads parquet shards: give --dataset_name (a folder of .parquet files, a "
+                        "file or a glob)")
+    rows = ParquetRows(parquet_files(dataset_name))
+    image_column, caption_column = resolve_columns(rows, image_column, caption_column, need_caption=need_caption)
+    if max_train_samples is not None:
+        rows = rows.head(max_train_samples)
+    rows = rows.select_columns([image_column, caption_column, *image_columns])
+    return TrainingData(rows, image_column, caption_column)
+
+
 __all__ = ["DataError", "TrainingData", "check_max_train_samples", "check_metadata_jsonl", "load_source",
-           "load_training_data", "resolve_columns", "select_rows"]
+           "load_streaming_rows", "load_training_data", "resolve_columns", "select_rows"]

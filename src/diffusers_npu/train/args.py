@@ -82,10 +82,19 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     _switch(g, "--enable_pin_memory", "pin host memory in the DataLoader (faster host-to-device copies)")
     _switch(g, "--enable_persistent_workers", "keep DataLoader workers alive between epochs")
     _switch(g, "--cache_latents",
-            "encode images (VAE) and captions (text encoders) once into an on-disk cache and train from it; the "
-            "encoders then leave the device")
+            "encode images (VAE) and captions (text encoders) once into a sharded on-disk cache (every process "
+            "encodes a share; an interrupted build resumes) and train from it, reading only each batch's rows; "
+            "the encoders then leave the device")
+    _switch(g, "--streaming",
+            "read --dataset_name's parquet shards (a folder, a file or a glob) in place, row groups as batches need "
+            "them, instead of copying the data set into a local Arrow cache first (datasets' streaming=True); "
+            "with --aspect_ratio_buckets the sizes come from integer 'width'/'height' columns")
+    g.add_argument("--shuffle_buffer_size", type=positive_int, default=1000, metavar="ROWS",
+                   help="with --streaming: rows are shuffled within windows of consecutive parquet row groups holding "
+                        "at least this many rows (datasets' shuffle buffer); windows are visited in a seeded order")
     g.add_argument("--cache_dir", default=None, metavar="FOLDER",
-                   help="where the latent cache lives; default $DIFFUSERS_NPU_HOME/cache")
+                   help="where the latent cache lives, a folder every process (every node) sees; default "
+                        "$DIFFUSERS_NPU_HOME/cache/latents")
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="sd-model-finetuned", metavar="FOLDER",

@@ -82,12 +82,23 @@ def data(t) -> None:
 
     a, task, rt = t.args, t.task, t.rt
     dataset = task.build_dataset()
+    if getattr(a, "streaming", False) and not hasattr(getattr(dataset, "ds", None), "group_sizes"):
+        raise UsageError(f"--streaming is not available for {task.name} (its samples do not come from "
+                         f"--dataset_name's rows)")
     if a.cache_latents:
         dataset = cached(t, dataset)
     buckets = getattr(dataset, "bucket_of_row", None)
     if buckets is None and getattr(dataset, "buckets", None) is not None:
         buckets = dataset.buckets.of_row
-    if a.aspect_ratio_buckets and buckets is not None:
+    rows = getattr(dataset, "ds", None)
+    if getattr(a, "streaming", False) and hasattr(rows, "group_sizes"):
+        from ..data.streaming import StreamingBatchSampler
+
+        sampler = StreamingBatchSampler(rows.group_sizes(), a.shuffle_buffer_size, a.train_batch_size, a.seed,
+                                        rt.world_size, rt.rank, bucket_of_row=buckets if a.aspect_ratio_buckets
+                                        else None)
+        rows.cached_groups = sampler.max_groups_per_window + 1  # a window's row groups, read once each
+    elif a.aspect_ratio_buckets and buckets is not None:
         sampler = BucketBatchSampler(buckets, a.train_batch_size, a.seed, rt.world_size, rt.rank)
     else:
         sampler = ResumableBatchSampler(len(dataset), a.train_batch_size, a.seed, rt.world_size, rt.rank)
@@ -100,6 +111,8 @@ def data(t) -> None:
 
 
 def cached(t, dataset):
+    """The sharded latent cache for the run (checked; built or repaired by ALL ranks, each its share of the
+    shards; global main writes the index), as the data set. The folder must be one every process sees."""
     from ..data.cache import CachedDataset, LatentCache
     from ..embedded import home
 
@@ -107,8 +120,8 @@ def cached(t, dataset):
     encode_images, encode_prompts, key = task.cache_encoders()
     root = a.cache_dir or os.path.join(home(), "cache", "latents")
     cache = LatentCache.load_or_build(root, key, dataset, encode_images, encode_prompts, a.random_flip,
-                                      progress=rt.is_main and t.show_bar, is_main=rt.is_local_main,
-                                      wait_fn=rt.barrier)
+                                      progress=rt.is_main and t.show_bar, rank=rt.rank,
+                                      world_size=rt.world_size, barrier=rt.barrier)
     empty = None
     if a.proportion_empty_prompts:
         empty = {k: v[0] for k, v in encode_prompts([""]).items()}

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: flags whose change makes an exact resume impossible (the data a step sees would differ)
 FINGERPRINT_FLAGS = ("gradient_accumulation_steps", "resolution", "seed", "max_train_samples",
-                     "aspect_ratio_buckets", "center_crop", "random_flip", "cache_latents")
+                     "aspect_ratio_buckets", "center_crop", "random_flip", "cache_latents",
+                     "streaming", "shuffle_buffer_size")
 
 
 class TrainState:

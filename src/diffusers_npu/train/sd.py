@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, UsageError
 from ..fsutil import write_json_atomic
 from ..model_folder import TRAINING_INFO_NAME, check_pipeline_folder, hub_error, looks_local
 from .objective import Objective
@@ -164,9 +164,15 @@ class DiffusionTask(Task):
     def load_rows(self, image_columns=()):
         """The training rows (images left undecoded, so that a corrupt file fails in our code with its row
         and name) and their image/caption columns."""
-        from ..data.sources import load_training_data
+        from ..data.sources import load_streaming_rows, load_training_data
 
         a = self.args
+        if getattr(a, "streaming", False):
+            from ..data.streaming import check_streaming_args
+
+            check_streaming_args(a)
+            return load_streaming_rows(a.dataset_name, image_column=a.image_column, caption_column=a.caption_column,
+                                       max_train_samples=a.max_train_samples, image_columns=image_columns)
         return load_training_data(a.dataset_name, a.local_data_dir, a.train_data_dir, a.dataset_config_name,
                                   image_column=a.image_column, caption_column=a.caption_column,
                                   max_train_samples=a.max_train_samples, image_columns=image_columns)
@@ -187,12 +193,22 @@ class DiffusionTask(Task):
     def buckets(self, rows, image_column):
         """Aspect-ratio buckets of about resolution^2 pixels; sizes are multiples of the latent grid (VAE
         factor x UNet downsampling), so every bucket is a valid input size."""
-        from ..data.buckets import bucketize
+        from ..data.buckets import buckets_from_sizes, bucketize
 
         a = self.args
         factor = self.vae_scale_factor() * self.unet_downsampling()
-        buckets = bucketize(rows, image_column, a.resolution, multiple=factor, max_ratio=a.bucket_max_ratio,
-                            skip_bad=a.skip_bad_images, progress=self.rt.is_main)
+        stored = rows.stored_sizes() if hasattr(rows, "stored_sizes") else None
+        if stored is not None:  # streaming: the sizes stored with the data, no image is opened
+            buckets = buckets_from_sizes(stored, a.resolution, factor, a.bucket_max_ratio)
+        elif getattr(a, "streaming", False):
+            from ..data.streaming import SIZE_COLUMNS
+
+            raise UsageError(f"--aspect_ratio_buckets with --streaming needs the image sizes stored with the data: "
+                             f"integer {' and '.join(repr(c) for c in SIZE_COLUMNS)} columns in the parquet shards "
+                             f"(as img2dataset writes them); {a.dataset_name} has none")
+        else:
+            buckets = bucketize(rows, image_column, a.resolution, multiple=factor, max_ratio=a.bucket_max_ratio,
+                                skip_bad=a.skip_bad_images, progress=self.rt.is_main)
         logger.info("aspect-ratio buckets: %s", buckets.describe())
         return buckets
 

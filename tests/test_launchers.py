@@ -161,7 +161,8 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
     scripts = sorted(f for f in os.listdir(os.path.join(REPO, "test")) if f.startswith("train_"))
     assert len(scripts) == 24  # the original port's 15 and nine SDXL ones
     env = dict(os.environ, PYTHON=str(stub), ASCEND_DEVICE_ID="7")
-    quoted = "--extra_args=--instance_prompt=\"a photo of sks dog\""
+    # a flag every task takes: the dry run validates the training flags as the run would
+    quoted = "--extra_args=--validation_prompt=\"a photo of sks dog\""
     for script in scripts:
         r = subprocess.run(["bash", os.path.join(REPO, "test", script), "--dry_run=1", quoted],
                            capture_output=True, text=True, env=env, timeout=60)
@@ -182,7 +183,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
         rc, out, _ = run_launcher(call[2:], capsys)
         assert rc == 0, call
         command = shlex.split(line_after(out, "Launch: "))
-        assert "--instance_prompt=a photo of sks dog" in command
+        assert "--validation_prompt=a photo of sks dog" in command
         world = 2 if "_8p_" in name else 1           # 8 requested, cut to the 2 pretend CPU devices
         assert f"world={world} " in out and (("On 8 npu devices it would run: ") in out) == (world == 2)
         variant = next((c.split("=", 1)[1] for c in call if c.startswith("--variant=")), None)

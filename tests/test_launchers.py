@@ -579,6 +579,10 @@ def test_main_job_learns_and_the_check_fails_below_its_threshold(tmp_path, embed
     assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Final Performance images/sec :" in r.stdout  # the result lines come first
     assert re.search(r"^Learning check: [0-9.]+% of 100", r.stdout, re.M)
+    # guidance 1 (the conditional model alone) is reported beside the default guidance
+    assert set(check["guidance_1"]["per_digit"]) == set(check["per_digit"]) and check["guidance_scale"] == 7.5
+    assert re.search(r"^Learning check at guidance 1 \(no classifier-free guidance\): [0-9.]+% of 100", r.stdout,
+                     re.M)
     assert re.search(r"Learning check FAILED: [0-9.]+% .*below the (required|threshold) 90\.0%", r.stdout + r.stderr)
     assert float(case["ActualFPS"]) == pytest.approx(summary["images_per_sec"], abs=1e-3)
 

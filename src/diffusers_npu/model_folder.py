@@ -203,8 +203,9 @@ def check_family(path: str, flag: str, family: str, script: str) -> None:
     found = model_family(index) if isinstance(index, dict) else None
     if found is None or found == family:
         return
-    raise ModelError(f"{flag}: {path} is a {FAMILY_NAME[found]} pipeline ({index.get('_class_name', '?')}); "
-                     f"{script} trains {FAMILY_NAME[family]} models: use {FAMILY_SCRIPT[found]}")
+    what = f"{index['_class_name']} folder" if index.get("_class_name") else "pipeline folder"
+    raise ModelError(f"{flag}: {path} is a {what} ({FAMILY_NAME[found]}); {script} trains {FAMILY_NAME[family]} "
+                     f"models: use {FAMILY_SCRIPT[found]}")
 
 
 def require_existing(path: str, flag: str, kind: str = "file") -> str:

@@ -18,8 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # count keeps runs deterministic and free of the trainer's thread probe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One embedded model/data set for the whole session (made once, ~1 minute), unless the caller shares one.
+_OWN_HOME = None
 if "DIFFUSERS_NPU_HOME" not in os.environ:
-    os.environ["DIFFUSERS_NPU_HOME"] = tempfile.mkdtemp(prefix="dnpu-test-home-")
+    _OWN_HOME = os.environ["DIFFUSERS_NPU_HOME"] = tempfile.mkdtemp(prefix="dnpu-test-home-")
 
 # transformers and diffusers give their loggers a handler bound to sys.stderr when first used. Done inside a
 # test that captures output (capsys), that handler would keep the test's stream, closed after it, and every
@@ -36,6 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (minutes); still run in CI")
+
+
+def pytest_unconfigure(config):
+    """The session's own embedded home (20-40 MB) goes with the session; a home the caller gave is kept."""
+    if _OWN_HOME is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

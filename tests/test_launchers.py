@@ -161,7 +161,8 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
     scripts = sorted(f for f in os.listdir(os.path.join(REPO, "test")) if f.startswith("train_"))
     assert len(scripts) == 24  # the original port's 15 and nine SDXL ones
     env = dict(os.environ, PYTHON=str(stub), ASCEND_DEVICE_ID="7")
-    quoted = "--extra_args=--instance_prompt=\"a photo of sks dog\""
+    # a flag every task takes: the dry run validates the training flags as the run would
+    quoted = "--extra_args=--validation_prompt=\"a photo of sks dog\""
     for script in scripts:
         r = subprocess.run(["bash", os.path.join(REPO, "test", script), "--dry_run=1", quoted],
                            capture_output=True, text=True, env=env, timeout=60)
@@ -182,7 +183,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
         rc, out, _ = run_launcher(call[2:], capsys)
         assert rc == 0, call
         command = shlex.split(line_after(out, "Launch: "))
-        assert "--instance_prompt=a photo of sks dog" in command
+        assert "--validation_prompt=a photo of sks dog" in command
         world = 2 if "_8p_" in name else 1           # 8 requested, cut to the 2 pretend CPU devices
         assert f"world={world} " in out and (("On 8 npu devices it would run: ") in out) == (world == 2)
         variant = next((c.split("=", 1)[1] for c in call if c.startswith("--variant=")), None)
@@ -586,6 +587,10 @@ def test_main_job_learns_and_the_check_fails_below_its_threshold(tmp_path, embed
     assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Final Performance images/sec :" in r.stdout  # the result lines come first
     assert re.search(r"^Learning check: [0-9.]+% of 100", r.stdout, re.M)
+    # guidance 1 (the conditional model alone) is reported beside the default guidance
+    assert set(check["guidance_1"]["per_digit"]) == set(check["per_digit"]) and check["guidance_scale"] == 7.5
+    assert re.search(r"^Learning check at guidance 1 \(no classifier-free guidance\): [0-9.]+% of 100", r.stdout,
+                     re.M)
     assert re.search(r"Learning check FAILED: [0-9.]+% .*below the (required|threshold) 90\.0%", r.stdout + r.stderr)
     assert float(case["ActualFPS"]) == pytest.approx(summary["images_per_sec"], abs=1e-3)
 

@@ -348,6 +348,7 @@ def test_an_sd_model_is_refused_by_the_sdxl_tasks_with_a_named_line(digits, tmp_
     from diffusers_npu.presets import build_test_pipeline
 
     sd = build_test_pipeline("sd", str(tmp_path / "sd"))
+    capsys.readouterr()  # the pipeline writer's progress bars are not the entry point's output
     assert main(TextToImageSDXLTask, base_args(sd, digits, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a StableDiffusionPipeline folder" in err[0] and "--pretrained_model_name_or_path" \

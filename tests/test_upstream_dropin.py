@@ -186,3 +186,22 @@ def test_upstream_readme_command_runs(script, cmd, readme_inputs, embedded_paths
         assert os.path.isfile(os.path.join(out, "training_info.json"))
     else:
         assert rc == 0, err
+
+
+@pytest.mark.parametrize("script", _fixtures())
+def test_every_value_upstream_accepts_is_accepted(script):
+    """The fixtures' 'accepts' ranges (what upstream's script runs with, e.g. --num_validation_images 0 in its
+    own example tests): the ends of each range parse and resolve here too."""
+    from diffusers_npu.train.config import DeviceInfo, parse_args, resolve_defaults
+
+    cls = _task(script)
+    spec = json.load(open(os.path.join(FIXTURES, f"{script}.json")))["flags"]
+    ranged = {f: s["accepts"] for f, s in spec.items() if "accepts" in s}
+    assert ranged, f"{script}: the fixture carries no accepted ranges"
+    base = ["--pretrained_model_name_or_path", "/m", "--dataset_name", "/d"]
+    for flag, accepts in ranged.items():
+        for end in ("min", "max"):
+            if end in accepts:
+                value = accepts[end]
+                args = resolve_defaults(parse_args(cls, base + [f"{flag}={value}"]), DeviceInfo("cpu"), None, cls)
+                assert getattr(args, flag.lstrip("-")) == value or flag == "--num_validation_images", (flag, value)

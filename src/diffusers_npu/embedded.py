@@ -274,8 +274,12 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
     preds = np.asarray(preds)
     targets = np.asarray(targets)
     per = {DIGIT_WORDS[d]: float((preds[targets == d] == d).mean()) for d in range(10)}
+    import inspect
+
+    default_guidance = inspect.signature(pipeline.__call__).parameters.get("guidance_scale")
+    default_guidance = default_guidance.default if default_guidance is not None else "pipeline default"
     result = {"agreement": float((preds == targets).mean()), "per_digit": per, "images": int(len(preds)),
-              "guidance_scale": kwargs.get("guidance_scale", "pipeline default"),
+              "guidance_scale": kwargs.get("guidance_scale", default_guidance),
               "num_inference_steps": kwargs.get("num_inference_steps", "pipeline default")}
     if return_images:
         result.update(samples=images, predictions=preds.tolist(), targets=targets.tolist(),

@@ -40,8 +40,25 @@ def looks_local(path: str) -> bool:
     )
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def single_file_error(path: str, flag: str) -> ModelError:
+    """A single-file checkpoint (``model.safetensors`` / ``.ckpt``) where a pipeline folder is needed: how to
+    convert it once with diffusers' ``from_single_file`` (which needs the model's configs: from the Hub, or
+    offline from a diffusers folder of the same architecture)."""
+    out = os.path.splitext(path)[0] + "-diffusers"
+    return ModelError(
+        f"{flag}: {path} is a single-file checkpoint; this needs a diffusers pipeline folder. Convert it once: "
+        f"python -c \"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{path}')"
+        f".save_pretrained('{out}')\" (StableDiffusionXLPipeline for an SDXL file; offline add "
+        f"config='<a diffusers folder of the same model>'), then pass {out}")
+
+
 def read_model_index(folder: str, flag: str) -> dict:
     index_path = os.path.join(folder, "model_index.json")
+    if os.path.isfile(folder) and folder.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise single_file_error(folder, flag)
     if os.path.isfile(folder):
         raise ModelError(f"{flag}: {folder} is a file; expected a diffusers pipeline folder with model_index.json")
     if not os.path.isdir(folder):
@@ -165,6 +182,32 @@ def model_family(index: dict) -> Optional[str]:
     return None
 
 
+#: family -> the training script for it, named when a pipeline of another family is given to a script
+FAMILY_SCRIPT = {"sd": "examples/text_to_image/train_text_to_image.py",
+                 "sdxl": "examples/text_to_image/train_text_to_image_sdxl.py",
+                 "sd3": "examples/dreambooth/train_dreambooth_sd3.py",
+                 "flux": "examples/dreambooth/train_dreambooth_flux.py"}
+FAMILY_NAME = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3",
+               "flux": "FLUX.1"}
+
+
+def check_family(path: str, flag: str, family: str, script: str) -> None:
+    """Refuse, in one line naming the script to use, a local pipeline folder of another family than the one
+    ``script`` trains. Folders that cannot be read are left to the folder check, which names what is wrong."""
+    index_path = os.path.join(os.path.expanduser(str(path)), "model_index.json")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    found = model_family(index) if isinstance(index, dict) else None
+    if found is None or found == family:
+        return
+    what = f"{index['_class_name']} folder" if index.get("_class_name") else "pipeline folder"
+    raise ModelError(f"{flag}: {path} is a {what} ({FAMILY_NAME[found]}); {script} trains {FAMILY_NAME[family]} "
+                     f"models: use {FAMILY_SCRIPT[found]}")
+
+
 def require_existing(path: str, flag: str, kind: str = "file") -> str:
     if not os.path.exists(path):
         raise InputError(f"{flag}: {path} does not exist (expected a {kind})")
@@ -174,6 +217,8 @@ def require_existing(path: str, flag: str, kind: str = "file") -> str:
 __all__ = [
     "TRAINING_INFO_NAME",
     "base_model_of",
+    "FAMILY_SCRIPT",
+    "check_family",
     "check_pipeline_folder",
     "hub_error",
     "hub_is_reachable",
@@ -181,5 +226,6 @@ __all__ = [
     "looks_local",
     "model_family",
     "read_model_index",
+    "single_file_error",
     "require_existing",
 ]

@@ -79,9 +79,9 @@ def load_source(dataset_name=None, local_data_dir=None, train_data_dir=None, dat
             check_metadata_jsonl(value)  # a local image folder is read by the same imagefolder builder
             return _pick_split(load_dataset(value, dataset_config_name, cache_dir=cache_dir),
                                f"--dataset_name {value}")
-        if value.startswith((".", "/", "~")) or os.sep in value.strip("/").split("/", 1)[-1]:
-            raise DataError(f"--dataset_name: {value} does not exist (expected a local folder, a data file "
-                            f"or a hub id like 'user/name')")
+        missing = dataset_name_missing(value)
+        if missing:
+            raise DataError(missing)
         return _pick_split(load_dataset(value, dataset_config_name, cache_dir=cache_dir),
                            f"--dataset_name {value}")
     except DataError:
@@ -93,6 +93,26 @@ def load_source(dataset_name=None, local_data_dir=None, train_data_dir=None, dat
             raise DataError(f"{flag}: could not load {value!r} ({type(e).__name__}: {e}); offline? give a "
                             f"local folder instead") from e
         raise DataError(f"{flag}: could not load {value!r}: {type(e).__name__}: {e}") from e
+
+
+def dataset_name_missing(value: str):
+    """The error line for a ``--dataset_name`` that is neither a local folder/file nor worth asking the Hub
+    about: it looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, a data file name, or its first part is a
+    local folder), or the Hub cannot be reached (offline, or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set) --
+    instead of datasets' minute of Hub retries. None when the value may be a Hub id worth looking up."""
+    from ..model_folder import hub_is_reachable, looks_local
+
+    first = value.split("/", 1)[0]
+    pathlike = (looks_local(value) or value.lower().endswith((".parquet", ".json", ".jsonl", ".csv", ".arrow"))
+                or ("/" in value and first and os.path.isdir(first)))
+    if pathlike:
+        return (f"--dataset_name: {value}: folder does not exist (expected a local folder, a data file or a Hub "
+                f"id like 'user/name')")
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not hub_is_reachable():
+        return (f"--dataset_name: {value}: folder does not exist here, and the Hugging Face Hub cannot be reached "
+                f"(no network, or offline mode is set) to look it up as a data set id; give a local folder")
+    return None
 
 
 def _looks_saved_to_disk(folder: str) -> bool:

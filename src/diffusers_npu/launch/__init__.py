@@ -67,8 +67,24 @@ def run(args) -> int:
     for note in notes:
         print(note)
     if args.dry_run:
+        check_training_flags(builder, plan)
         return dry_run(builder, plan, requested)
     return launch(builder, plan)
+
+
+def check_training_flags(builder: PlanBuilder, plan: Plan) -> None:
+    """What the run would refuse, the dry run refuses too, in the same words: the training flags are parsed and
+    resolved by the trainer's own functions (nothing is prepared, loaded or written)."""
+    from ..train import check_model_family
+    from ..train.config import device_info, parse_args, resolve_defaults
+
+    task_cls = builder.task_cls
+    prog = os.path.basename(plan.program[0]) if plan.program[0] != "-m" else f"diffusers-npu train {plan.task}"
+    args = parse_args(task_cls, plan.train_args, prog=prog)
+    embedded = {"model": "<the embedded model>", "dataset": "<the embedded data set>"}
+    args = resolve_defaults(args, device_info(plan.topology.device, plan.world), embedded, task_cls)
+    check_model_family(args, task_cls)
+    task_cls(args).validate_args()
 
 
 def deepspeed_text(plan: Plan) -> Optional[str]:

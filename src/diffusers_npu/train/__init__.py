@@ -55,7 +55,21 @@ def prepare_args(task_cls, argv=None, prog=None):
         state = process_state(kind, args.nccl_timeout)
         with writers_first(state.is_main_process, state.is_local_main_process, state.wait_for_everyone):
             paths = task_cls.prepare_embedded(progress=state.is_local_main_process and sys.stdout.isatty())
-    return resolve_defaults(args, device_info(kind, world), paths, task_cls)
+    args = resolve_defaults(args, device_info(kind, world), paths, task_cls)
+    check_model_family(args, task_cls)
+    return args
+
+
+def check_model_family(args, task_cls) -> None:
+    """A pipeline folder of another family (an SDXL folder given to an SD script, SD3/FLUX to either) is refused
+    before anything loads, naming the script to use."""
+    from ..model_folder import check_family, looks_local
+
+    path = args.pretrained_model_name_or_path
+    family = getattr(task_cls.family, "name", task_cls.family)
+    if family and path and looks_local(path):
+        script = os.path.basename(task_cls.example) if task_cls.example else f"the {task_cls.name} task"
+        check_family(path, "--pretrained_model_name_or_path", family, script)
 
 
 def _destroy_process_group() -> None:

@@ -123,7 +123,8 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
                    help="hard restarts of cosine_with_restarts")
     g.add_argument("--lr_power", type=positive_float, default=1.0, help="power of the polynomial schedule")
     g.add_argument("--snr_gamma", type=positive_float, default=None,
-                   help="Min-SNR loss weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 is common")
+                   help="Min-SNR loss weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 is common; default: "
+                        "off (plain MSE)")
     g.add_argument("--noise_offset", type=nonneg_float, default=0.0, help="noise offset scale (0.1 is common)")
     g.add_argument("--input_perturbation", type=nonneg_float, default=0.0,
                    help="input perturbation scale (https://arxiv.org/abs/2301.11706); 0.1 is common")
@@ -196,7 +197,7 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     g.add_argument("--checkpointing_steps", type=positive_int, default=500, metavar="N",
                    help="save a checkpoint every N steps")
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, metavar="N",
-                   help="keep at most N checkpoints (the newest complete one is never removed)")
+                   help="keep at most N checkpoints (the newest complete one is never removed); default: keep all")
     g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="a checkpoint-N folder, or 'latest' (the newest complete checkpoint that verifies; starts fresh when "
                         "there is none, so the same command serves the first run and every rerun)")
@@ -206,15 +207,15 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
                         "measured on a CPU); 'sizes' only the sizes, for very large checkpoints. A damaged "
                         "'latest' checkpoint is renamed <name>.damaged and the next older one is used")
     g.add_argument("--validation_prompts", nargs="*", default=None, metavar="PROMPT",
-                   help="prompts for validation image grids")
+                   help="prompts for validation image grids; default: none (no validation images)")
     g.add_argument("--validation_prompt", nargs="+", default=None, metavar="PROMPT",
                    help="upstream spelling: validation prompt(s), added to --validation_prompts")
     g.add_argument("--validation_steps", type=positive_int, default=None, metavar="N",
                    help="validate every N steps; default: only at the end")
     g.add_argument("--validation_epochs", type=positive_int, default=None, metavar="N",
                    help="validate every N epochs (converted to steps)")
-    g.add_argument("--num_validation_images", type=positive_int, default=4, metavar="N",
-                   help="images per validation prompt")
+    g.add_argument("--num_validation_images", type=nonneg_int, default=4, metavar="N",
+                   help="images per validation prompt; 0: no validation images (as upstream)")
     g.add_argument("--validation_inference_steps", type=positive_int, default=30, metavar="N",
                    help="denoising steps of validation images")
     g.add_argument("--report_to", default="tensorboard",

@@ -222,3 +222,23 @@ def enable_gradient_checkpointing(model, fraction: float = 1.0) -> None:
         for m in block.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+
+
+def plan_line(t, resume) -> str:
+    """The one start-of-run line: task, model, data, steps, batch x devices x accumulation, precision, engine,
+    output folder and the expected time when it was measured (the embedded default)."""
+    from .config import expected_time
+
+    a, rt = t.args, t.rt
+    model = a.pretrained_model_name_or_path + (" (the embedded digits model)" if a.embedded else "")
+    data = a.dataset_name or a.local_data_dir or a.train_data_dir or getattr(a, "instance_data_dir", None) or "-"
+    start = t.state.global_step + 1
+    steps = f"{a.max_train_steps:,} steps" + (f" (from step {start:,}, resumed from {resume})" if resume else "")
+    devices = f"{rt.world_size} {a.device} device{'s' if rt.world_size > 1 else ''}"
+    batch = (f"batch {a.train_batch_size} x {devices} x {a.gradient_accumulation_steps} accumulation = "
+             f"{a.train_batch_size * rt.world_size * a.gradient_accumulation_steps}")
+    precision = {"no": "fp32"}.get(a.mixed_precision, a.mixed_precision)
+    engine = "one process" if rt.world_size == 1 else f"{a.distributed}, {rt.world_size} processes"
+    expected = expected_time(a, t.task_cls) or "unknown (the progress line shows an ETA)"
+    return (f"Plan: {t.task.name} | model {model} | data {data} | {steps} | {batch} | {precision} | {engine} | "
+            f"output {os.path.abspath(a.output_dir)} | expected time {expected}")

@@ -30,6 +30,7 @@ _FALSE_STRINGS = {"false", "no", "off", "0"}
 def build_parser(task_cls, prog: Optional[str] = None):
     prog = prog or f"diffusers-npu train {task_cls.name}"
     parser = common_parser(prog, task_cls.description)
+    parser.epilog = no_arguments_help(task_cls)
     task_cls.add_arguments(parser)
     if task_cls.defaults:
         unknown = set(task_cls.defaults) - {a.dest for a in parser._actions}
@@ -37,6 +38,19 @@ def build_parser(task_cls, prog: Optional[str] = None):
             raise ValueError(f"{task_cls.__name__}.defaults names unknown flags: {sorted(unknown)}")
         parser.set_defaults(**task_cls.defaults)
     return parser
+
+
+def no_arguments_help(task_cls) -> Optional[str]:
+    """The --help sentence saying what a run with no arguments does (the launcher's embedded default)."""
+    profile = getattr(task_cls, "launch", None)
+    if profile is None:
+        return None
+    flags = " ".join(f"--{k}={v}" if v is not True else f"--{k}" for k, v in profile.embedded.items())
+    check = ", then the learning check (exit 4 below --learning_check_min)" if profile.learning_check else ""
+    expected = f"; {profile.expected}" if profile.expected else ""
+    return (f"With no arguments: trains the embedded offline digits model on the embedded digits data set with the "
+            f"flags the launcher uses ({flags}){check}{expected}. Any argument turns this off: then the defaults "
+            f"above apply.")
 
 
 def parse_args(task_cls, argv=None, prog: Optional[str] = None) -> argparse.Namespace:
@@ -47,11 +61,38 @@ def parse_args(task_cls, argv=None, prog: Optional[str] = None) -> argparse.Name
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**config_values(parser, known.config))
+    config_file = known.config
+    if not argv:
+        # No arguments at all: the embedded default exactly as the launcher runs it (its tuned flags and
+        # config file), not the upstream defaults that fit a real model (hours on a CPU, no learning check).
+        profile_values, config_file = embedded_profile_values(parser, task_cls)
+        parser.set_defaults(**profile_values)
+    elif config_file:
+        parser.set_defaults(**config_values(parser, config_file))
     args = parser.parse_args(argv)
-    args.config_file = known.config
+    args.config_file = config_file
+    args.no_arguments = not argv
     return args
+
+
+def embedded_profile_values(parser, task_cls):
+    """(flag values, config file) of the task's launch profile for the embedded default: what a run with no
+    arguments uses, the same flags the launcher passes (its config file read like ``--config``)."""
+    profile = getattr(task_cls, "launch", None)
+    if profile is None:
+        return {}, None
+    values, config_file = {}, None
+    for name, value in profile.embedded.items():
+        if name == "config":
+            from ..launch.plan import REPO_ROOT
+
+            config_file = value if os.path.isabs(value) else os.path.join(REPO_ROOT, value)
+            values.update(config_values(parser, config_file))
+        else:
+            values[name] = value
+    if profile.learning_check:
+        values["learning_check"] = True
+    return values, config_file
 
 
 def load_config_file(path) -> dict:
@@ -240,6 +281,8 @@ def resolve_defaults(args: argparse.Namespace, info: DeviceInfo, embedded: Optio
         a.log_every = 1 if device == "cpu" else 10
     if a.validation_prompt:
         a.validation_prompts = list(a.validation_prompts or []) + list(a.validation_prompt)
+    if a.num_validation_images == 0:
+        a.validation_prompts = None  # as upstream: no validation images (its example tests pass 0)
     if a.validation_steps and a.validation_epochs:
         a.validation_epochs = None  # as upstream's textual inversion: steps win
     a.distributed = a.distributed if info.world_size > 1 else "none"
@@ -257,6 +300,24 @@ def resolve_defaults(args: argparse.Namespace, info: DeviceInfo, embedded: Optio
     return a
 
 
+def expected_time(a, task_cls) -> Optional[str]:
+    """The task's measured time when this run is its embedded default (same steps, batch and accumulation, one
+    CPU process); None otherwise (nothing measured says how long another run takes)."""
+    profile = getattr(task_cls, "launch", None)
+    if profile is None or not profile.expected or not a.embedded or a.device != "cpu" or a.distributed != "none":
+        return None
+    want = dict(profile.embedded)
+    if "config" in want:
+        from ..launch.plan import REPO_ROOT
+
+        path = want.pop("config")
+        path = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        want = {**(load_config_file(path) if os.path.isfile(path) else {}), **want}
+    same = all(getattr(a, k) == want.get(k, getattr(a, k)) for k in
+               ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"))
+    return profile.expected if same else None
+
+
 def _has_data(a) -> bool:
     return any(getattr(a, k, None) for k in ("dataset_name", "local_data_dir", "train_data_dir",
                                              "instance_data_dir"))
@@ -268,5 +329,5 @@ def needs_embedded(args, task_cls) -> bool:
     return model or (not _has_data(args) and task_cls.uses_embedded_data)
 
 
-__all__ = ["DeviceInfo", "build_parser", "config_values", "device_info", "load_config_file", "needs_embedded",
-           "parse_args", "resolve_defaults"]
+__all__ = ["DeviceInfo", "build_parser", "config_values", "device_info", "embedded_profile_values", "expected_time",
+           "load_config_file", "needs_embedded", "parse_args", "resolve_defaults"]

@@ -3,8 +3,9 @@
 * :func:`validate` -- ``validation/<tag>.png``: ``--num_validation_images`` images per validation prompt, from
   seed ``--seed`` (same noise every time, so grids of successive steps compare), also sent to tensorboard.
 * :func:`run_learning_check` -- the embedded digits model's verdict: 10 images per digit, read by a digits
-  classifier; ``learning_check.png`` (rows = prompt digit, green frame = read as asked, red = not); per-digit
-  figures; passed when the agreement reaches ``--learning_check_min``.
+  classifier, at the pipeline's default guidance and at guidance 1; ``learning_check.png`` (both grids side by
+  side; rows = prompt digit, green frame = read as asked, red = not); per-digit figures; passed when the
+  agreement at the default guidance reaches ``--learning_check_min``.
 * :func:`write_summary` -- ``train_summary.json`` (the launcher reads it) and ``train_curves.png``. A resumed
   run keeps the earlier parts: ``e2e_seconds`` is this part, ``e2e_seconds_total`` all of them.
 """
@@ -93,7 +94,9 @@ def learning_check_grid(images: List[np.ndarray], preds, targets, per_digit: int
 
 
 def run_learning_check(trainer) -> dict:
-    """The embedded model's verdict, on the saved output (main process)."""
+    """The embedded model's verdict, on the saved output (main process): at the pipeline's default guidance
+    (the figure that passes or fails) and at guidance 1, i.e. the conditional model alone (no unconditional
+    pass, so half the cost), which shows whether the model learned the digits or leans on guidance."""
     from diffusers import DiffusionPipeline
 
     from ..embedded import learning_check
@@ -102,21 +105,43 @@ def run_learning_check(trainer) -> dict:
     a = t.args
     pipe = DiffusionPipeline.from_pretrained(a.output_dir).to(t.rt.device)
     res = learning_check(pipe, progress=t.show_bar, callback=t.preemption.check, return_images=True)
-    images = res.pop("samples")
+    panels = [(f"guidance {res['guidance_scale']}", res.pop("samples"), res.pop("predictions"), res["targets"])]
+    cond = learning_check(pipe, guidance_scale=1.0, progress=t.show_bar, callback=t.preemption.check,
+                          return_images=True)
+    panels.append(("guidance 1", cond.pop("samples"), cond.pop("predictions"), cond.pop("targets")))
+    res["guidance_1"] = {k: cond[k] for k in ("agreement", "per_digit", "images", "num_inference_steps")}
     grid_path = os.path.join(a.output_dir, "learning_check.png")
-    learning_check_grid(images, res["predictions"], res["targets"], res["per_digit_images"]).save(grid_path)
+    learning_check_picture(panels, res["per_digit_images"]).save(grid_path)
     t.rt.finished(grid_path)
     res.update(threshold=a.learning_check_min, passed=res["agreement"] >= a.learning_check_min,
                grid=os.path.basename(grid_path))
-    for key in ("predictions", "targets"):
-        res.pop(key)
+    res.pop("targets")
     print(f"Learning check: {res['agreement'] * 100:.1f}% of {res['images']} generated digits read as the prompt's "
           f"digit (guidance {res['guidance_scale']}, steps {res['num_inference_steps']}; picture: {grid_path})",
           flush=True)
+    print(f"Learning check at guidance 1 (no classifier-free guidance): {cond['agreement'] * 100:.1f}% of "
+          f"{cond['images']} read as the prompt's digit", flush=True)
     if not res["passed"]:
         print(f"Learning check FAILED: {res['agreement'] * 100:.1f}% is below the required "
               f"{a.learning_check_min * 100:.1f}% (--learning_check_min)", flush=True)
     return res
+
+
+def learning_check_picture(panels, per_digit: int):
+    """The check's grids side by side, each under its title (e.g. 'guidance 7.5', 'guidance 1')."""
+    from PIL import Image, ImageDraw
+
+    grids = [(title, learning_check_grid(images, preds, targets, per_digit)) for title, images, preds, targets in panels]
+    title_h, gap = 16, 12
+    width = sum(g.width for _, g in grids) + gap * (len(grids) - 1)
+    out = Image.new("RGB", (width, title_h + max(g.height for _, g in grids)), "white")
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for title, g in grids:
+        draw.text((x + 22, 2), title, fill="black")
+        out.paste(g, (x, title_h))
+        x += g.width + gap
+    return out
 
 
 def previous_parts(output_dir: str) -> list:

@@ -13,6 +13,7 @@ them in one transfer, agrees on pre-emption across ranks, and saves checkpoints 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import List, Optional
@@ -105,6 +106,10 @@ class Trainer:
         rng = None
         # collective: the main process verifies against the manifest and decides; every rank gets its answer
         resume = resolve_resume(a.resume_from_checkpoint, a.output_dir, a.checkpoint_verification == "hashes")
+        if a.resume_from_checkpoint == "latest" and resume is None and self.rt.is_main:
+            # A typo in --output_dir would otherwise silently cost a whole run.
+            print(f"warning: --resume_from_checkpoint latest: no checkpoint in {os.path.abspath(a.output_dir)}; "
+                  f"starting from step 1", flush=True)
         self.state.fingerprint = self.checkpointer.current_fingerprint()
         if resume:
             rng = self.checkpointer.load(resume)
@@ -117,6 +122,8 @@ class Trainer:
                                      history=self.state.history)
         if self.rt.is_main and self.threads_note:
             print(self.threads_note, flush=True)
+        if self.rt.is_main:
+            print(build.plan_line(self, resume), flush=True)
         return rng
 
     # -------------------------------------------------------------------------------------------- train

@@ -32,7 +32,8 @@ class LaunchProfile:
     ``embedded``: training flags (name -> value; ``True`` for a switch) for the offline embedded default (no
     ``--model_name``); ``pretrained``: the flags used with a real model (upstream's hyper-parameters).
     ``distributed``: default ``--distributed`` mode for multi-device runs (``ddp``; full SDXL fine-tuning
-    shards). ``learning_check``: whether the embedded run ends with the learning check.
+    shards). ``learning_check``: whether the embedded run ends with the learning check. ``expected``: the
+    embedded default's measured time, for the start-of-run plan line.
     """
 
     network: str
@@ -40,6 +41,9 @@ class LaunchProfile:
     pretrained: Dict[str, object] = field(default_factory=dict)
     distributed: str = "ddp"
     learning_check: bool = False
+    # The measured time of the embedded default on an idle 2-core CPU (the plan line shows it when a run
+    # trains exactly the embedded default's steps and batch on one CPU process); "" when not measured.
+    expected: str = ""
 
 
 _REGISTRY: Dict[str, type] = {}

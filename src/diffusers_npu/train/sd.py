@@ -117,6 +117,7 @@ class DiffusionTask(Task):
     """Shared Stable Diffusion plumbing for the SD 1.x / 2.x tasks."""
 
     pipeline_class_name = "StableDiffusionPipeline"
+    family = "sd"
 
     # ------------------------------------------------------------------------------------- models
     def load_components(self, unet_dtype: Optional[torch.dtype] = None) -> None:

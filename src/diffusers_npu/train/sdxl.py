@@ -195,6 +195,7 @@ class SDXLTask(DiffusionTask):
     module's forward and their outputs (and may mix in an SD task for its flags and data)."""
 
     pipeline_class_name = "StableDiffusionXLPipeline"
+    family = "sdxl"
     default_resolution = 1024  # SDXL's native size (upstream's default)
 
     @classmethod

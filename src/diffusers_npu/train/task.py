@@ -65,6 +65,10 @@ class Task(abc.ABC):
     #: flag defaults of this task that differ from the common ones (upstream's per-script defaults)
     defaults: ClassVar[Dict[str, object]] = {}
 
+    #: the model family this task trains (model_folder.model_family's name, or an object with that ``name``):
+    #: a pipeline folder of another family is refused, naming the script to use; None: no check
+    family: ClassVar[Optional[object]] = None
+
     # ---- capabilities
     supports_cache: ClassVar[bool] = False      # --cache_latents
     supports_buckets: ClassVar[bool] = False    # --aspect_ratio_buckets

@@ -21,8 +21,10 @@ from typing import Optional
 from ..errors import UsageError
 
 DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
-#: blocks that become one FSDP unit each (UNet transformer and ResNet blocks, text encoder layers)
-FSDP_WRAP_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
+#: blocks that become one FSDP unit each (UNet transformer and ResNet blocks, text encoder layers, the SD3 / FLUX
+#: transformer blocks)
+FSDP_WRAP_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer", "JointTransformerBlock",
+                     "SD3SingleTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 def world_size_from_env() -> int:

@@ -114,8 +114,8 @@ class DiTTokenize:
     """``tokenize`` for the data set: token ids of every tokenizer of the family (CLIP at its own length, T5
     at ``max_sequence_length``), under ``input_ids``, ``input_ids_2``, ... (picklable for loader workers)."""
 
-    def __init__(self, family: Family, tokenizers: Dict[str, object], max_sequence_length: int, prefix: str = ""):
-        self.family, self.tokenizers, self.max_len, self.prefix = family, tokenizers, max_sequence_length, prefix
+    def __init__(self, family: Family, tokenizers: Dict[str, object], max_sequence_length: int):
+        self.family, self.tokenizers, self.max_len = family, tokenizers, max_sequence_length
 
     def ids(self, captions) -> Dict[str, torch.Tensor]:
         """{encoder name: [B, L] ids} for a list of captions."""
@@ -128,7 +128,18 @@ class DiTTokenize:
         return out
 
     def __call__(self, caption: str) -> dict:
-        return {self.family.ids_key(enc, self.prefix): ids[0] for enc, ids in self.ids([caption]).items()}
+        return {self.family.ids_key(enc): ids[0] for enc, ids in self.ids([caption]).items()}
+
+
+class PromptTable:
+    """``tokenize`` for the data set when the text encoders are frozen: each distinct caption's prompt states,
+    encoded once up front (T5 then leaves the device), looked up per sample (picklable for loader workers)."""
+
+    def __init__(self, table: Dict[str, Dict[str, torch.Tensor]]):
+        self.table = table
+
+    def __call__(self, caption: str) -> dict:
+        return dict(self.table[caption])
 
 
 def prompts_fn(family: Family, tokenize: DiTTokenize, encoders: Dict[str, torch.nn.Module]):
@@ -282,8 +293,8 @@ class DiTTask(DiffusionTask):
         return self.family.token_side or self.transformer.config.patch_size
 
     # --------------------------------------------------------------------------------------------- data
-    def tokenizer_fn(self, prefix: str = "") -> DiTTokenize:
-        return DiTTokenize(self.family, self.tokenizers, self.args.max_sequence_length, prefix)
+    def tokenizer_fn(self) -> DiTTokenize:
+        return DiTTokenize(self.family, self.tokenizers, self.args.max_sequence_length)
 
     def tokenize(self, caption: str) -> Dict[str, torch.Tensor]:
         return self.tokenizer_fn()(caption)
@@ -291,6 +302,22 @@ class DiTTask(DiffusionTask):
     def encode_captions(self, captions: List[str]) -> dict:
         """Prompt states of captions with the frozen encoders (float32 CPU), as the cache stores them."""
         return prompts_fn(self.family, self.tokenizer_fn(), self.encoders)(captions)
+
+    def prompt_table(self, captions, batch_size: int = 64) -> PromptTable:
+        """Encode each distinct caption once with the cache contract's ``encode_prompts``, then release the
+        text encoders (and the VAE) from the device."""
+        encode = self.cache_encoders()[1]
+        distinct = sorted(set(captions))
+        table = {}
+        for i in range(0, len(distinct), batch_size):
+            part = distinct[i:i + batch_size]
+            out = encode(part)
+            for j, cap in enumerate(part):
+                table[cap] = {k: v[j].clone() for k, v in out.items()}
+        self.release_text_encoders()
+        logger.info("prompt states of %d distinct caption(s) encoded once; the text encoders leave the device",
+                    len(distinct))
+        return PromptTable(table)
 
     def cache_encoders(self):
         from ..data.cache import model_key_parts, vae_moments_fn
@@ -306,14 +333,26 @@ class DiTTask(DiffusionTask):
                 return vae_encode(pixels)
         return encode_images, prompts_fn(fam, self.tokenizer_fn(), self.encoders), key
 
-    def release_encoders(self) -> None:
-        """After the prompts are cached: every text encoder (T5 is the big one) and the VAE leave the device;
-        validation brings them back for its images."""
+    def release_text_encoders(self) -> None:
+        """Every text encoder (T5 is the big one) leaves the device once the prompts are encoded."""
         from .. import device as dev
 
-        for m in list(self.encoders.values()) + [self.vae]:
+        for m in self.encoders.values():
             m.to("cpu")
+        self.text_released = True
         dev.empty_cache(self.rt.device)
+
+    def release_encoders(self) -> None:
+        """After the latent cache is built: the text encoders and the VAE leave the device; validation brings
+        them back for its images (and :meth:`after_validation` sends them away again)."""
+        self.vae.to("cpu")
+        self.release_text_encoders()
+
+    def after_validation(self) -> None:
+        if self.args.cache_latents:
+            self.release_encoders()
+        elif getattr(self, "text_released", False):
+            self.release_text_encoders()
 
     # ---------------------------------------------------------------------------------------- pipelines
     def dit_pipeline(self, transformer=None, class_name: Optional[str] = None, encoders: Optional[dict] = None,
@@ -397,5 +436,6 @@ class DiTTask(DiffusionTask):
         lora.load_lora_layers(folder, {"transformer": self.transformer, **self.trained_text_encoders()})
 
 
-__all__ = ["DiTModule", "DiTTask", "DiTTokenize", "FAMILIES", "FLUX", "Family", "SD3", "add_dit_arguments",
+__all__ = ["DiTModule", "DiTTask", "DiTTokenize", "FAMILIES", "FLUX", "Family", "PromptTable", "SD3",
+           "add_dit_arguments",
            "prompts_fn"]

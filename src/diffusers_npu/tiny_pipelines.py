@@ -27,7 +27,9 @@ sdxl-controlnet     a ControlNetModel folder for ``sdxl``
 dpt                 a DPTForDepthEstimation folder with its image processor (``--depth_estimator``)
 sd3                 StableDiffusion3Pipeline, diffusers' own pipeline-test sizes (two CLIP encoders, T5)
 sd3-no-t5           the same without tokenizer_3 / text_encoder_3 (SD3 runs without T5 at inference)
-sd3-controlnet      an SD3ControlNetModel folder for ``sd3`` (non-zero outputs)
+sd3-controlnet      an SD3ControlNetModel folder matching ``sd3`` (StableDiffusion3ControlNetPipeline loads it;
+                    SD3 adds ControlNet residuals only before its last block, so with ``sd3``'s one block
+                    it does not change the image)
 flux                FluxPipeline, diffusers' own pipeline-test sizes (CLIP + T5, 1-channel latents packed 2x2)
 =================== ============================================================================
 
@@ -274,8 +276,8 @@ def _sd3(work: str, t5: bool = True):
 
 
 def _sd3_controlnet():
-    """SD3ControlNetModel sized for ``sd3`` (diffusers' controlnet_sd3 test: 1 layer), output layers randomised so
-    the conditioning visibly changes the result."""
+    """SD3ControlNetModel sized for ``sd3`` (one layer), its zero-initialised layers randomised (non-zero
+    residuals, as a trained ControlNet has)."""
     import torch
     from diffusers import SD3ControlNetModel
 

@@ -331,7 +331,8 @@ class DiTTask(DiffusionTask):
         def encode_images(pixels):
             with no_autocast(rt.device):
                 return vae_encode(pixels)
-        return encode_images, prompts_fn(fam, self.tokenizer_fn(), self.encoders), key
+        tokenize = DiTTokenize(fam, self.tokenizers, a.max_sequence_length)
+        return encode_images, prompts_fn(fam, tokenize, self.encoders), key
 
     def release_text_encoders(self) -> None:
         """Every text encoder (T5 is the big one) leaves the device once the prompts are encoded."""

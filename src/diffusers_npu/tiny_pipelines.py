@@ -31,6 +31,7 @@ sd3-controlnet      an SD3ControlNetModel folder matching ``sd3`` (StableDiffusi
                     SD3 adds ControlNet residuals only before its last block, so with ``sd3``'s one block
                     it does not change the image)
 flux                FluxPipeline, diffusers' own pipeline-test sizes (CLIP + T5, 1-channel latents packed 2x2)
+flux-controlnet     a FluxControlNetModel folder for ``flux`` (non-zero outputs)
 =================== ============================================================================
 
 The SD3 and FLUX kinds use the component sizes of diffusers' pipeline tests
@@ -312,6 +313,24 @@ def _flux(work: str):
                         text_encoder_2=text["t5"], tokenizer_2=text["t5_tokenizer"])
 
 
+def _flux_controlnet():
+    """FluxControlNetModel.from_transformer of ``flux``'s transformer (one double and one single block), its
+    zero-initialised layers randomised (std 0.2) so the conditioning image visibly changes the result."""
+    import torch
+    from diffusers import FluxControlNetModel
+
+    transformer = flux_transformer()
+    cfg = transformer.config
+    net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=cfg.attention_head_dim,
+                                               num_attention_heads=cfg.num_attention_heads)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                param.normal_(0.0, 0.2)
+    return net
+
+
 def build(kind: str, folder: str, seed: int = 0) -> str:
     """Write the tiny ``kind`` (see the module docstring) into ``folder``; returns ``folder``."""
     import diffusers
@@ -354,6 +373,8 @@ def build(kind: str, folder: str, seed: int = 0) -> str:
             obj = _sd3_controlnet()
         elif kind == "flux":
             obj = _flux(work)
+        elif kind == "flux-controlnet":
+            obj = _flux_controlnet()
         elif kind in ("controlnet", "sdxl-controlnet"):
             obj = _controlnet("tiny" if kind == "controlnet" else "sdxl-tiny", seed, work)
         else:  # dpt
@@ -367,7 +388,7 @@ def build(kind: str, folder: str, seed: int = 0) -> str:
 
 KINDS = ("sd", "sd-safety", "sd-nsfw", "sd-inpaint", "sd-depth", "sd-depth-noest", "ldm", "ddpm", "sdxl",
          "sdxl-inpaint", "sdxl-refiner", "controlnet", "sdxl-controlnet", "dpt", "sd3", "sd3-no-t5", "sd3-controlnet",
-         "flux")
+         "flux", "flux-controlnet")
 
 __all__ = ["KINDS", "SIZE", "build", "flux_transformer", "sd3_transformer", "tiny_depth_estimator",
            "tiny_safety_checker"]

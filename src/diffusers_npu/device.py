@@ -279,6 +279,34 @@ def reset_peak_memory(device: DeviceLike) -> None:
         _require_npu_namespace("reset_peak_memory").reset_peak_memory_stats()
 
 
+#: declares the memory of one device in GB (10^9 bytes), e.g. to check a plan for a 64 GB NPU from a CPU machine
+DEVICE_MEMORY_ENV = "DIFFUSERS_NPU_DEVICE_MEMORY_GB"
+
+
+def device_memory_bytes(device: DeviceLike) -> Optional[int]:
+    """Total memory of one device: ``$DIFFUSERS_NPU_DEVICE_MEMORY_GB`` when set, else the CUDA / NPU device's
+    ``total_memory`` (``get_device_properties``; torch_npu offers the same call as CUDA). None on CPU, whose RAM
+    the processes share with everything else on the machine (callers then do not refuse a plan)."""
+    declared = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
+    if declared:
+        try:
+            gb = float(declared)
+        except ValueError:
+            raise ValueError(f"{DEVICE_MEMORY_ENV}={declared!r}: expected a number of GB") from None
+        if gb <= 0:
+            raise ValueError(f"{DEVICE_MEMORY_ENV}={declared!r}: expected a positive number of GB")
+        return int(gb * 1e9)
+    kind = device_type(device)
+    index = _device_index(device)
+    if kind == "cuda":
+        return int(torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+                   .total_memory)
+    if kind == "npu":
+        npu = _require_npu_namespace("device_memory_bytes")
+        return int(npu.get_device_properties(index if index is not None else npu.current_device()).total_memory)
+    return None
+
+
 def supports_bf16(device: DeviceLike) -> bool:
     """Whether bf16 compute is supported (first-generation Ascend 910 and pre-Ampere GPUs lack it)."""
     kind = device_type(device)
@@ -507,7 +535,8 @@ def _require_npu_namespace(what: str):
 
 __all__ = [
     "ENV_VAR", "FUSION_ATTENTION_ENV", "VALID_DEVICES", "amp_device_type", "apply_device_settings",
-    "available_cpu_cores", "configure_cpu_threads", "detect_device", "device_name", "device_type",
+    "DEVICE_MEMORY_ENV", "available_cpu_cores", "configure_cpu_threads", "detect_device", "device_memory_bytes",
+    "device_name", "device_type",
     "empty_cache", "get_torch_npu", "is_npu_available", "make_grad_scaler", "npu_soc_name", "npu_status",
     "npu_supports_fusion_attention", "peak_memory_bytes", "reset_peak_memory", "seed_everything",
     "supports_bf16", "synchronize", "tensor_device_type"

@@ -49,8 +49,11 @@ def module_and_speed(t) -> torch.nn.Module:
     """Load the task's models and apply attention, gradient checkpointing, channels_last and compile."""
     from ..attention import set_attention
 
+    from . import memory_plan
+
     a, task = t.args, t.task
     module = task.build_module()
+    memory_plan.check(t, module)  # print the bytes per rank; refuse a plan that cannot fit the device
     for model in task.attention_models():
         set_attention(model, a.attention)
     if a.gradient_checkpointing:

@@ -82,7 +82,10 @@ def test_sd3_and_flux_folders_generate_with_lora_and_controlnet(family, tmp_path
         ((img, meta),) = outputs(out).values()
         assert meta["pipeline"] == cn_pipeline and meta["controlnet"] == controlnet
         cn_images.append(pixels(img))
-    assert np.abs(cn_images[0] - cn_images[1]).mean() > 1.0  # the conditioning image steers the transformer
+    if family == "flux":  # the conditioning image steers the transformer
+        assert np.abs(cn_images[0] - cn_images[1]).mean() > 1.0
+    # (the tiny sd3 transformer has diffusers' test size, one block, which is context-pre-only: SD3 adds
+    # ControlNet residuals only to the other blocks, so its output cannot depend on the conditioning image)
     with open(os.path.join(controlnet, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["_class_name"] == cn_class
 

@@ -47,9 +47,11 @@ def compile_options(device: str, mode: Optional[str] = None) -> Optional[dict]:
 
 
 def _has_diffusers_attention(module) -> bool:
+    """diffusers ``Attention`` (UNets, VAEs, SD3) or dispatching attention modules (FLUX)."""
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return any(isinstance(m, Attention) for m in module.modules())
+    return any(isinstance(m, (Attention, AttentionModuleMixin)) for m in module.modules())
 
 
 def speed_up(pipe, device: str, attention: str = "auto", channels_last: Optional[bool] = None,
@@ -63,11 +65,14 @@ def speed_up(pipe, device: str, attention: str = "auto", channels_last: Optional
     import torch
 
     from ..attention import set_attention
+    from ..npu_norm import use_fused_rms_norm
 
     done = [f"attention={attention}"]
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module) and _has_diffusers_attention(component):
             set_attention(component, attention)
+            if device == "npu" and use_fused_rms_norm(component):  # the transformers' q/k norms
+                done.append(f"fused RMSNorm ({type(component).__name__})")
 
     if channels_last is None:
         channels_last = channels_last_policy(device, compile)

@@ -56,6 +56,8 @@ def module_and_speed(t) -> torch.nn.Module:
     memory_plan.check(t, module)  # print the bytes per rank; refuse a plan that cannot fit the device
     for model in task.attention_models():
         set_attention(model, a.attention)
+        if a.device == "npu":  # torch_npu's fused RMSNorm for the transformers' q/k norms (npu_norm.py)
+            use_fused_rms_norm(model)
     if a.gradient_checkpointing:
         for model in task.checkpointing_models():
             enable_gradient_checkpointing(model, a.gradient_checkpointing_fraction)

@@ -70,10 +70,13 @@ class DreamBoothSD3Module(DiTModule):
         gens = self.objective.prior_generators(batch, prior)
         latents = self.latents(source, gens)
         sample = self.objective.sample(latents, gens, self.image_seq_len(latents, self.transformer))
-        pred = self.transformer(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
-                                pooled_projections=pooled, return_dict=False)[0]
-        per = self.objective.flow_loss(pred, sample, reduce=False)
+        per = self.objective.flow_loss(self.denoise(sample, embeds, pooled), sample, reduce=False)
         return self.objective.prior_preservation(per, n, self.prior_loss_weight)
+
+    def denoise(self, sample, embeds, pooled) -> torch.Tensor:
+        """The transformer's prediction for ``sample`` (FLUX packs latents here: dreambooth_flux.py)."""
+        return self.transformer(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
 
 
 def add_dreambooth_sd3_arguments(parser, lora_script: bool) -> None:
@@ -147,6 +150,7 @@ class DreamBoothSD3Task(DiTTask):
                 "adam_weight_decay": 1e-4, "caption_column": None, "validation_epochs": 50, "distributed": "fsdp"}
     supports_cache = True
     uses_lora = False
+    module_class = DreamBoothSD3Module  # the FLUX tasks (dreambooth_flux.py) swap in their packing forward
     # DreamBooth's class images: generated once with the pipeline being trained, reused on later runs
     class_images = DreamBoothTask.class_images
     generate_class_images = DreamBoothTask.generate_class_images
@@ -249,8 +253,8 @@ class DreamBoothSD3Task(DiTTask):
                 te.requires_grad_(True)
             te.train()
             trainable[name] = te
-        return DreamBoothSD3Module(self.frozen(), self.objective(), rt.weight_dtype, **trainable,
-                                   prior_loss_weight=a.prior_loss_weight)
+        return self.module_class(self.frozen(), self.objective(), rt.weight_dtype, **trainable,
+                                 prior_loss_weight=a.prior_loss_weight)
 
     def ema_model(self):
         return None if self.uses_lora else self.transformer

@@ -1,0 +1,100 @@
+"""FLUX.1 DreamBooth (full) and DreamBooth-LoRA (issue #21 item 1) on the tiny FLUX pipeline (diffusers'
+pipeline-test sizes, with the guidance embedding of FLUX.1-dev): outputs load in FluxPipeline and generate, the
+LoRA changes the image, a checkpoint's transformer loads with from_pretrained, a resumed run ends bit-identical
+to an uninterrupted one, and the FLUX-specific bad input is one line, exit 2."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from trainkit import QUIET, main_rc, same_weights, weights
+
+
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory):
+    from diffusers_npu.tiny_pipelines import build, flux_transformer
+
+    root = tmp_path_factory.mktemp("flux")
+    folder = build("flux", str(root / "model"))
+    # like FLUX.1-dev: a guidance-distilled transformer (the tiny kind has diffusers' test default, without)
+    flux_transformer(guidance_embeds=True).save_pretrained(os.path.join(folder, "transformer"))
+    data = root / "instance"
+    data.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    return folder, str(data)
+
+
+def _argv(model, data, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt",
+            "a photo of sks dog", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--max_sequence_length", "16", "--lr_warmup_steps", "0", *QUIET, *extra]
+
+
+def _generate(pipe):
+    return pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, guidance_scale=3.5,
+                max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_flux_lora_and_full_outputs_load_generate_and_differ_from_the_base(flux_model, tmp_path, capsys):
+    import diffusers
+
+    model, data = flux_model
+    rc, _, err = main_rc("dreambooth_lora_flux", _argv(model, data, tmp_path / "lora", 3, "--learning_rate", "1e-2",
+                                                        "--rank", "4"), capsys)
+    assert rc == 0, err
+    pipe = diffusers.FluxPipeline.from_pretrained(model)
+    base = _generate(pipe)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    assert np.abs(_generate(pipe) - base).max() > 1e-3  # the trained adapters change the image
+
+    rc, _, err = main_rc("dreambooth_flux", _argv(model, data, tmp_path / "full", 2, "--checkpointing_steps", "1"),
+                         capsys)
+    assert rc == 0, err
+    full = diffusers.FluxPipeline.from_pretrained(str(tmp_path / "full"))
+    assert full.transformer.config.guidance_embeds and np.isfinite(_generate(full)).all()
+    ckpt = diffusers.FluxTransformer2DModel.from_pretrained(str(tmp_path / "full"), subfolder="checkpoint-2/transformer")
+    final = full.transformer.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in ckpt.state_dict().items())
+    fresh = diffusers.FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    assert any(not torch.equal(v, final[k]) for k, v in fresh.state_dict().items())  # full fine-tuning trained it
+
+
+def test_flux_resume_is_bit_identical(flux_model, tmp_path, capsys):
+    model, data = flux_model
+    rc, _, err = main_rc("dreambooth_flux", _argv(model, data, tmp_path / "a", 4, "--checkpointing_steps", "2"), capsys)
+    assert rc == 0, err
+    rc, _, err = main_rc("dreambooth_flux", _argv(model, data, tmp_path / "b", 2, "--checkpointing_steps", "2"), capsys)
+    assert rc == 0, err
+    rc, _, err = main_rc("dreambooth_flux", _argv(model, data, tmp_path / "b", 4, "--checkpointing_steps", "2",
+                                                  "--resume_from_checkpoint", "latest"), capsys)
+    assert rc == 0, err
+    a = weights(tmp_path / "a", "transformer")
+    assert same_weights(a, weights(tmp_path / "b", "transformer"))
+
+
+def test_flux_bad_resolution_and_sequence_length_are_one_line_errors(flux_model, tmp_path, capsys, monkeypatch):
+    from diffusers_npu.train.dit import DiTTask
+
+    model, data = flux_model
+    # the released FLUX VAE's factor 8 (the tiny VAE has 1): 40 px is a multiple of 8 but not of 16
+    monkeypatch.setattr(DiTTask, "vae_scale_factor", lambda self: 8)
+    rc, _, err = main_rc("dreambooth_flux", _argv(model, data, tmp_path / "r", 1, "--resolution", "40"), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "--resolution 40: FLUX packs 2x2 latent patches into one token, so the resolution must be a " \
+                       "multiple of 16 (2 x the VAE's factor 8)" in err
+    assert not os.path.exists(tmp_path / "r")
+    argv = _argv(model, data, tmp_path / "s", 1)
+    argv[argv.index("--max_sequence_length") + 1] = "600"
+    rc, _, err = main_rc("dreambooth_lora_flux", argv, capsys)
+    assert rc == 2 and "--max_sequence_length 600: the T5 tokenizer of" in err and "takes 1 to 512 tokens" in err
+    assert not os.path.exists(tmp_path / "s")
+    rc, _, err = main_rc("dreambooth_flux", ["--instance_data_dir", data, *QUIET, "--output_dir", tmp_path / "e"],
+                         capsys)
+    assert rc == 2 and "there is no embedded FLUX.1 model" in err

@@ -98,3 +98,68 @@ def test_flux_bad_resolution_and_sequence_length_are_one_line_errors(flux_model,
     rc, _, err = main_rc("dreambooth_flux", ["--instance_data_dir", data, *QUIET, "--output_dir", tmp_path / "e"],
                          capsys)
     assert rc == 2 and "there is no embedded FLUX.1 model" in err
+
+
+# ------------------------------------------------------------------ upstream's flags and README commands
+FIXTURES = os.path.join(os.path.dirname(__file__), "data", "upstream_flags_flux")
+SCRIPTS = {"train_dreambooth_flux": "dreambooth_flux", "train_dreambooth_lora_flux": "dreambooth_lora_flux"}
+DELIBERATE = {"--pretrained_model_name_or_path", "--dataset_name", "--instance_prompt", "--seed", "--mixed_precision"}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_flux_scripts_take_upstreams_flags_and_defaults(script):
+    """Every flag of upstream's script (tests/data/upstream_flags_flux/, transcribed from huggingface/diffusers)
+    is accepted, with upstream's default except the project-wide deliberate differences (README)."""
+    import json
+
+    from diffusers_npu.train.config import DeviceInfo, build_parser, parse_args, resolve_defaults
+    from diffusers_npu.train.registry import find_task
+
+    cls = find_task(SCRIPTS[script])
+    spec = json.load(open(os.path.join(FIXTURES, f"{script}.json")))["flags"]
+    by_flag = {o: a.dest for a in build_parser(cls)._actions for o in a.option_strings}
+    assert sorted(f for f in spec if f not in by_flag) == []
+    args = resolve_defaults(parse_args(cls, ["--pretrained_model_name_or_path", "/m", "--dataset_name", "/d"]),
+                            DeviceInfo("cpu"), None, cls)
+    differ = []
+    for flag, up in spec.items():
+        if up.get("action") in ("store_true", "store_false") or up.get("default_is_expression") or flag in DELIBERATE:
+            continue
+        ours = getattr(args, by_flag[flag])
+        if isinstance(ours, str) and isinstance(up["default"], str) and ours.lower() == up["default"].lower():
+            continue
+        if ours != up["default"] and not (isinstance(ours, float) and up["default"] is not None
+                                          and abs(ours - float(up["default"])) < 1e-12):
+            differ.append((flag, up["default"], ours))
+    assert differ == []
+
+
+def _readme_commands():
+    import json
+
+    return [pytest.param(s, c, id=f"{s}-{i}") for s in sorted(SCRIPTS)
+            for i, c in enumerate(json.load(open(os.path.join(FIXTURES, f"{s}.json")))["readme_commands"])]
+
+
+@pytest.mark.parametrize("script, cmd", _readme_commands())
+def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, tmp_path, capsys, monkeypatch):
+    """Upstream's README commands, on the tiny FLUX model (32 px, 2 steps): they ask for the Prodigy optimizer,
+    which is refused by name; with AdamW instead they train, keep the output and say in one line what was not
+    pushed to the (offline) Hub."""
+    model, data = flux_model
+    monkeypatch.chdir(tmp_path)
+    subst = {"{MODEL}": model, "{INSTANCE_DIR}": data, "{OUTPUT_DIR}": str(tmp_path / "out")}
+    argv = []
+    for tok in cmd["argv"]:
+        for k, v in subst.items():
+            tok = tok.replace(k, v)
+        argv.append(tok)
+    tiny = ["--resolution", "32", "--max_train_steps", "2", "--report_to", "none", "--max_sequence_length", "16",
+            "--disable_progress_bar", "--num_validation_images", "1", "--validation_inference_steps", "2"]
+    rc, _, err = main_rc(SCRIPTS[script], argv + tiny, capsys)
+    assert rc == 2 and "prodigy" in err.lower(), err
+    argv = [t for t in argv if not t.startswith(("--optimizer=", "--learning_rate="))]
+    rc, _, err = main_rc(SCRIPTS[script], argv + tiny + ["--optimizer", "adamw", "--learning_rate", "1e-4"], capsys)
+    assert rc == 2 and "--push_to_hub: the Hugging Face Hub cannot be reached" in err, err
+    assert os.path.isfile(tmp_path / "out" / "training_info.json") or \
+        os.path.isfile(tmp_path / "out" / "model_index.json")

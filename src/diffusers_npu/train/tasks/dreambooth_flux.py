@@ -51,9 +51,16 @@ def _add_flux_arguments(parser, lora_script: bool) -> None:
     parser.add_argument("--guidance_scale", type=float, default=3.5,
                         help="guidance embedding value of every training sample (FLUX.1-dev is guidance-distilled; "
                              "ignored by transformers without guidance_embeds)")
-    # upstream: 77 T5 tokens in train_dreambooth_flux.py, 512 in train_dreambooth_lora_flux.py; 28 steps for
+    # upstream: 77 T5 tokens in train_dreambooth_flux.py, 512 in train_dreambooth_lora_flux.py; uniform
+    # timesteps and loss ("none", SD3's scripts use logit_normal); LoRA alpha 4 whatever the rank; 28 steps for
     # class images (FluxPipeline's default)
-    parser.set_defaults(max_sequence_length=512 if lora_script else 77, class_inference_steps=28)
+    parser.set_defaults(max_sequence_length=512 if lora_script else 77, weighting_scheme="none",
+                        class_inference_steps=28)
+    if lora_script:
+        parser.set_defaults(lora_alpha=4.0)
+        for action in parser._actions:
+            if "--lora_alpha" in action.option_strings:
+                action.help = "LoRA scaling numerator (effective scale alpha/rank); upstream's FLUX default 4"
 
 
 @register_task

@@ -163,3 +163,29 @@ def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, tmp
     assert rc == 2 and "--push_to_hub: the Hugging Face Hub cannot be reached" in err, err
     assert os.path.isfile(tmp_path / "out" / "training_info.json") or \
         os.path.isfile(tmp_path / "out" / "model_index.json")
+
+
+@pytest.mark.slow
+def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_model, tmp_path):
+    """One torchrun (2 CPU processes, gloo): full fine-tuning under FSDP (its default) straight vs pre-empted at
+    step 2 and resumed -- the same bits; DreamBooth-LoRA under DDP (its default); both ranks agree."""
+    from test_distributed import _assert_ranks_agree, _job, _torchrun
+
+    model, data = flux_model
+    common = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt",
+              "a photo of sks dog", "--resolution", "32", "--max_sequence_length", "16", "--lr_warmup_steps", "0",
+              "--per_sample_noise", "--resume_from_checkpoint", "latest"]
+    jobs = [_job("straight", "dreambooth_flux", tmp_path / "straight", 4, *common),
+            _job("preempted", "dreambooth_flux", tmp_path / "split", 4, *common, sigterm_at=2),
+            _job("resumed", "dreambooth_flux", tmp_path / "split", 4, *common),
+            _job("lora", "dreambooth_lora_flux", tmp_path / "lora", 2, *common)]
+    results, _ = _torchrun(tmp_path, jobs, 29631)
+    _assert_ranks_agree(results)
+    import json
+
+    split = json.load(open(tmp_path / "split" / "train_summary.json"))
+    assert [p["exit_reason"] for p in split["parts"]] == ["preempted", "completed"]
+    assert split["distributed"] == "fsdp"
+    assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))
+    assert json.load(open(tmp_path / "lora" / "train_summary.json"))["distributed"] == "ddp"
+    assert os.path.isfile(tmp_path / "lora" / "pytorch_lora_weights.safetensors")

@@ -35,7 +35,11 @@ def test_flux_dev_full_fine_tuning_refused_under_ddp_and_fits_under_fsdp_on_8_de
                    "--distributed deepspeed --zero_stage 3 (fits from 4 devices)", "LoRA (--use_lora"):
         assert option in message, (option, message)
 
-    fsdp = mp.plan_for(flux_dev, "fsdp", 8, "bf16", "adamw", device_bytes=64 * GB)
+    from diffusers_npu.train.registry import find_task
+
+    default = find_task("dreambooth_flux").defaults["distributed"]  # FLUX.1 full fine-tuning's default engine
+    assert default == "fsdp" and find_task("dreambooth_lora_flux").defaults["distributed"] == "ddp"
+    fsdp = mp.plan_for(flux_dev, default, 8, "bf16", "adamw", device_bytes=64 * GB)
     assert fsdp.fits() and fsdp.total == pytest.approx(16 * n / 8)
     assert "fsdp over 8 rank(s)" in fsdp.describe() and "= 23.80 GB of 64.0 GB" in fsdp.describe()
 

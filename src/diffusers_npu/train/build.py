@@ -48,7 +48,7 @@ def runtime_and_precision(t) -> None:
 def module_and_speed(t) -> torch.nn.Module:
     """Load the task's models and apply attention, gradient checkpointing, channels_last and compile."""
     from ..attention import set_attention
-
+    from ..npu_norm import use_fused_rms_norm
     from . import memory_plan
 
     a, task = t.args, t.task

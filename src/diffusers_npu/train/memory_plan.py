@@ -193,14 +193,15 @@ def check(t, module: torch.nn.Module) -> MemoryPlan:
     fit the device. Called by ``build.module_and_speed`` once the module is built, before the engine."""
     from .. import device as dev
 
-    a, rt = t.args, t.rt
+    a, rt = t.args, getattr(t, "rt", None)  # no runtime (a bare model preparation): one process
+    world, is_main = (rt.world_size, rt.is_main) if rt is not None else (1, True)
     try:
-        device_bytes = dev.device_memory_bytes(rt.device)
+        device_bytes = dev.device_memory_bytes(rt.device if rt is not None else a.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    plan = plan_for(module, a.distributed, rt.world_size, a.mixed_precision, a.optimizer,
-                    getattr(a, "zero_stage", 2), device_bytes)
-    if rt.is_main:
+    plan = plan_for(module, a.distributed, world, a.mixed_precision, a.optimizer, getattr(a, "zero_stage", 2),
+                    device_bytes)
+    if is_main:
         print(plan.describe(), flush=True)
     if not plan.fits():
         raise UsageError(refusal(plan))

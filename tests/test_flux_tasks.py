@@ -189,3 +189,21 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
     assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))
     assert json.load(open(tmp_path / "lora" / "train_summary.json"))["distributed"] == "ddp"
     assert os.path.isfile(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_flux_8_device_launchers_shard_full_fine_tuning_and_keep_lora_on_ddp(monkeypatch, capsys, tmp_path):
+    """The 8-device launchers' commands: full fine-tuning with --distributed=fsdp (the memory plan that fits 8
+    devices of 64 GB, tests/test_memory_plan.py), LoRA with ddp; MindSpeed-MM's FLUX row settings."""
+    from diffusers_npu import launch
+    from diffusers_npu.launch import devices
+
+    monkeypatch.setattr(devices, "count_devices", lambda: ("npu", 8))
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "PORT", "ASCEND_DEVICE_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for task, engine, extra in (("dreambooth_flux", "fsdp", "--resolution=256 --train_batch_size=16"),
+                                ("dreambooth_lora_flux", "ddp", "--resolution=512 --train_batch_size=1")):
+        rc = launch.main([task, "--num_devices=8", "--dry_run=1", "--model_name=/m/flux1-dev",
+                          f"--log_dir={tmp_path}"])
+        out = capsys.readouterr().out
+        assert rc == 0 and "--nproc_per_node 8" in out and f"--distributed={engine}" in out, out
+        assert all(flag in out for flag in extra.split()) and "--mixed_precision=bf16" in out

@@ -179,7 +179,12 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
             _job("preempted", "dreambooth_flux", tmp_path / "split", 4, *common, sigterm_at=2),
             _job("resumed", "dreambooth_flux", tmp_path / "split", 4, *common),
             _job("lora", "dreambooth_lora_flux", tmp_path / "lora", 2, *common)]
-    results, _ = _torchrun(tmp_path, jobs, 29631)
+    import socket
+
+    with socket.socket() as sock:  # a free port: other test runs on this machine use the fixed ones
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results, _ = _torchrun(tmp_path, jobs, port)
     _assert_ranks_agree(results)
     import json
 

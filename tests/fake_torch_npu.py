@@ -614,3 +614,34 @@ def no_npu(monkeypatch):
     monkeypatch.setattr(dev, "_torch_npu_cache", dev._UNSET)
     monkeypatch.setattr(dev, "_torch_npu_import_error", None)
     monkeypatch.setattr(dev, "_npu_facts", {})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Added for the SD3 / FLUX work (issue #21 item 5), kept apart from the rules above.
+#
+# 8. ``npu_rms_norm(self, gamma, epsilon=1e-06) -> (Tensor, Tensor)``: ``self`` float16 / bfloat16 / float32
+#    with 2-8 dimensions; ``gamma`` of the SAME dtype as ``self`` ("数据类型需要和self保持一致"), its shape
+#    the trailing dimensions of ``self``; returns the normalised tensor and 1/Rms(x) (op-plugin
+#    ``docs/context/（beta）torch_npu-npu_rms_norm.md``, function prototype and 参数说明).
+# 9. ``torch_npu.npu.get_device_properties(device)`` returns the device's properties with ``total_memory``
+#    in bytes (torch_npu/npu/utils.py, the CUDA-compatible API).
+
+def _npu_rms_norm(self, x, gamma, epsilon=1e-06):
+    if not (_npu(x) and _npu(gamma)):
+        raise RuntimeError("npu_rms_norm: expected NPU tensors")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"npu_rms_norm: self must be float16, bfloat16 or float32, got {x.dtype}")
+    if gamma.dtype != x.dtype:
+        raise TypeError(f"npu_rms_norm: gamma dtype {gamma.dtype} must equal self dtype {x.dtype}")
+    if not 2 <= x.dim() <= 8:
+        raise ValueError(f"npu_rms_norm: self must have 2-8 dimensions, got {x.dim()}")
+    if tuple(gamma.shape) != tuple(x.shape[x.dim() - gamma.dim():]):
+        raise ValueError(f"npu_rms_norm: gamma shape {tuple(gamma.shape)} is not a trailing shape of {tuple(x.shape)}")
+    self.record("npu_rms_norm", dtype=x.dtype, shape=tuple(x.shape), epsilon=epsilon)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x.float() * rstd).to(x.dtype) * gamma, rstd
+
+
+FakeTorchNpu.npu_rms_norm = _npu_rms_norm
+_FakeNpuNamespace.get_device_properties = lambda self, device=None: types.SimpleNamespace(
+    total_memory=64 * 1024 ** 3, name="Ascend910B2")

@@ -89,6 +89,8 @@ def test_one_factory_builds_every_test_pipeline_kind(tmp_path):
         "ddpm": "DDPMPipeline", "sdxl": "StableDiffusionXLPipeline", "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
         "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline", "controlnet": "ControlNetModel",
         "sdxl-controlnet": "ControlNetModel", "dpt": "DPTForDepthEstimation",
+        "sd3": "StableDiffusion3Pipeline", "sd3-no-t5": "StableDiffusion3Pipeline",
+        "sd3-controlnet": "SD3ControlNetModel", "flux": "FluxPipeline", "flux-controlnet": "FluxControlNetModel",
     }
     assert set(KINDS) == set(classes)
     for kind, cls in classes.items():

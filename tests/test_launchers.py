@@ -24,7 +24,7 @@ from diffusers_npu.cliutil import ArgumentParser
 from diffusers_npu import launch
 from diffusers_npu.launch import devices, report
 from diffusers_npu.launch.progress import Progress, StepLine
-from diffusers_npu.launch.variants import TABLE as VARIANTS
+from diffusers_npu.launch.variants import SD3_TABLE as SD3_VARIANTS, TABLE as VARIANTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -159,7 +159,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                     f"    sys.exit(1)\nopen({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     stub.chmod(0o755)
     scripts = sorted(f for f in os.listdir(os.path.join(REPO, "test")) if f.startswith("train_"))
-    assert len(scripts) == 24  # the original port's 15 and nine SDXL ones
+    assert len(scripts) == 37  # the original port's 15, nine SDXL, nine SD3 and four FLUX ones
     env = dict(os.environ, PYTHON=str(stub), ASCEND_DEVICE_ID="7")
     # a flag every task takes: the dry run validates the training flags as the run would
     quoted = "--extra_args=--validation_prompt=\"a photo of sks dog\""
@@ -173,7 +173,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                            capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(calls) == 26
+    assert len(calls) == 39
     for call, name in zip(calls, scripts + ["train_full_8p_controlnet", "train_performance_8p_text_to_image_sd1-5_fp32"]):
         assert call[:3] == ["-m", "diffusers_npu.launch", f"--log_dir={REPO}/test/output/7"], call
         sdxl_task = "text_to_image_lora_sdxl" if "sdxl_lora" in name else "controlnet_sdxl" \
@@ -193,7 +193,8 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
     assert calls[-2][3:5] == ["controlnet", "--num_devices=8"]
     assert calls[-1][3:5] == ["text_to_image", "--variant=performance_8p_text_to_image_sd1-5_fp32"]
     # Each 8-device text-to-image script names its own row of the table.
-    assert sorted(c[4].split("=", 1)[1] for c in calls[:24] if c[4].startswith("--variant=")) == sorted(VARIANTS)
+    assert sorted(c[4].split("=", 1)[1] for c in calls[:37] if c[4].startswith("--variant=")) == \
+        sorted(list(VARIANTS) + list(SD3_VARIANTS))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "deepspeed2", "deepspeed3"])
@@ -610,6 +611,24 @@ def test_sdxl_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default(on, 
     rc, out, _ = run_launcher(["text_to_image_lora_sdxl", "--num_devices=8", "--model_name=/models/sdxl", "--dry_run",
                                "--output_dir=/shared/lora"], capsys)
     assert rc == 0 and "--distributed=ddp" in shlex.split(line_after(out, "Launch: "))
+
+
+def test_sd3_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default_and_lora_is_ddp(on, capsys, monkeypatch):
+    for k, v in (("NNODES", "2"), ("NODE_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("PORT", "29600")):
+        monkeypatch.setenv(k, v)
+    rc, out, _ = run_launcher(["dreambooth_sd3", "--num_devices=8", "--model_name=/models/sd3-medium",
+                               "--extra_args=--instance_data_dir=/data/dog", "--dry_run"], capsys)
+    assert rc == 0
+    command = shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: "))
+    assert command[command.index("--nproc_per_node") + 1] == "8" and command[command.index("--node_rank") + 1] == "1"
+    assert "--distributed=fsdp" in command and "--resolution=1024" in command and "--train_batch_size=4" in command
+    assert "--gradient_checkpointing" in command and "--mixed_precision=bf16" in command
+    assert command[-1].endswith("train_dreambooth_sd3.py") or "examples/dreambooth/train_dreambooth_sd3.py" in out
+    for task in ("dreambooth_lora_sd3", "controlnet_sd3"):
+        rc, out, _ = run_launcher([task, "--num_devices=8", "--model_name=/models/sd3-medium", "--dry_run"], capsys)
+        assert rc == 0 and "--distributed=ddp" in shlex.split(line_after(out, "Launch: "))
+    rc, out, _ = run_launcher(["dreambooth_sd3", "--variant=performance_8p_dreambooth_sd3", "--dry_run"], capsys)
+    assert rc == 0 and "--max_train_steps=1000" in out and "--report_to=none" in out
 
 
 @pytest.mark.slow

@@ -478,6 +478,24 @@ def describe_attention_path(mode: str, model: nn.Module) -> str:
     return f"SDPA ({kind})" if key == "flash" else f"SDPA for fp32, upcast for fp16/bf16 ({kind})"
 
 
+def _set_dispatch_backend(model: nn.Module, key: str):
+    """Transformer attention that goes through diffusers' attention dispatcher (FLUX's ``FluxAttention``; not a
+    diffusers ``Attention``, so our processors do not apply): every mode but ``default`` pins its backend to
+    :func:`diffusers_npu.device.dit_attention_backend` (SDPA unless asked otherwise), so an environment-wide
+    diffusers setting cannot switch it. Returns (backend, count), or None when there are none."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    modules = [m for m in model.modules() if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention)
+               and hasattr(getattr(m, "processor", None), "_attention_backend")]
+    if not modules or key == "default":
+        return None
+    parallel = any(getattr(m.processor, "_parallel_config", None) is not None for m in modules)
+    backend = _device.dit_attention_backend(context_parallel=parallel)
+    for m in modules:
+        m.processor._attention_backend = backend
+    return backend, len(modules)
+
+
 def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
     """Install the attention implementation ``mode`` on every diffusers ``Attention`` in ``model``.
 
@@ -499,6 +517,7 @@ def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
         raise ValueError(f"Unknown attention mode {mode!r}; expected one of {', '.join(ATTENTION_MODES)}.")
     shared = _PROCESSOR_CLASSES[key]() if key != "default" else None
     changed, skipped = 0, Counter()
+    dispatching = _set_dispatch_backend(model, key)
     for module in model.modules():
         if not isinstance(module, Attention):
             continue
@@ -509,6 +528,9 @@ def set_attention(model: nn.Module, mode: str = "auto") -> nn.Module:
         module.set_processor(shared if shared is not None else stock_processor(module))
         changed += 1
     name = type(model).__name__
+    if dispatching:
+        logger.info("set_attention(%s): %d dispatching attention module(s) of %s use diffusers' %s backend", key,
+                    dispatching[1], name, dispatching[0])
     if changed == 0 and not skipped:
         logger.debug("set_attention(%s): %s has no diffusers Attention modules; nothing to do", key, name)
         return model

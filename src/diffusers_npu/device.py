@@ -289,6 +289,59 @@ def reset_peak_memory(device: DeviceLike) -> None:
         _require_npu_namespace("reset_peak_memory").reset_peak_memory_stats()
 
 
+#: the attention backend of diffusers' dispatching attention (FLUX's processors): ``native`` (SDPA, the default)
+#: or ``_native_npu`` (diffusers' npu_fusion_attention backend), for measuring one against the other on an NPU
+DIT_ATTENTION_ENV = "DIFFUSERS_NPU_DIT_ATTENTION"
+DIT_ATTENTION_BACKENDS = ("native", "_native_npu")
+
+
+def dit_attention_backend(context_parallel: bool = False) -> str:
+    """The diffusers attention backend for the transformer models' dispatching attention.
+
+    ``native`` (torch SDPA) everywhere by default: torch_npu registers its fused attention behind SDPA, CUDA
+    picks flash / memory-efficient kernels. ``$DIFFUSERS_NPU_DIT_ATTENTION=_native_npu`` selects diffusers'
+    own NPU backend on NPU devices, never with context parallelism: its context-parallel path has no
+    backward (``_npu_attention_backward_op`` raises NotImplementedError in diffusers 0.42)."""
+    requested = os.environ.get(DIT_ATTENTION_ENV, "").strip() or "native"
+    if requested not in DIT_ATTENTION_BACKENDS:
+        raise ValueError(f"{DIT_ATTENTION_ENV}={requested!r}: expected one of {', '.join(DIT_ATTENTION_BACKENDS)}")
+    if requested == "_native_npu":
+        if not is_npu_available():
+            raise ValueError(f"{DIT_ATTENTION_ENV}=_native_npu needs an NPU (torch_npu and a device)")
+        if context_parallel:
+            raise ValueError(f"{DIT_ATTENTION_ENV}=_native_npu cannot train with context parallelism: diffusers' "
+                             "NPU attention has no backward for it; use the default (SDPA)")
+    return requested
+
+
+#: declares the memory of one device in GB (10^9 bytes), e.g. to check a plan for a 64 GB NPU from a CPU machine
+DEVICE_MEMORY_ENV = "DIFFUSERS_NPU_DEVICE_MEMORY_GB"
+
+
+def device_memory_bytes(device: DeviceLike) -> Optional[int]:
+    """Total memory of one device: ``$DIFFUSERS_NPU_DEVICE_MEMORY_GB`` when set, else the CUDA / NPU device's
+    ``total_memory`` (``get_device_properties``; torch_npu offers the same call as CUDA). None on CPU, whose RAM
+    the processes share with everything else on the machine (callers then do not refuse a plan)."""
+    declared = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
+    if declared:
+        try:
+            gb = float(declared)
+        except ValueError:
+            raise ValueError(f"{DEVICE_MEMORY_ENV}={declared!r}: expected a number of GB") from None
+        if gb <= 0:
+            raise ValueError(f"{DEVICE_MEMORY_ENV}={declared!r}: expected a positive number of GB")
+        return int(gb * 1e9)
+    kind = device_type(device)
+    index = _device_index(device)
+    if kind == "cuda":
+        return int(torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+                   .total_memory)
+    if kind == "npu":
+        npu = _require_npu_namespace("device_memory_bytes")
+        return int(npu.get_device_properties(index if index is not None else npu.current_device()).total_memory)
+    return None
+
+
 def supports_bf16(device: DeviceLike) -> bool:
     """Whether bf16 compute is supported (first-generation Ascend 910 and pre-Ampere GPUs lack it)."""
     kind = device_type(device)
@@ -558,6 +611,7 @@ def _require_npu_namespace(what: str):
 
 __all__ = [
     "ENV_VAR", "FUSION_ATTENTION_ENV", "VALID_DEVICES", "amp_device_type", "apply_device_settings",
+    "DEVICE_MEMORY_ENV", "DIT_ATTENTION_ENV", "dit_attention_backend", "device_memory_bytes",
     "available_cpu_cores", "configure_cpu_threads", "detect_device", "device_name", "device_type",
     "empty_cache", "get_torch_npu", "is_npu_available", "make_grad_scaler", "npu_sdpa_is_fused",
     "npu_sdpa_masks_precise", "npu_soc_name", "npu_soc_version", "npu_status", "npu_supports_fusion_attention",

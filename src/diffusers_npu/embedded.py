@@ -257,7 +257,8 @@ def learning_check(pipeline, per_digit: int = 10, guidance_scale: float | None =
         kwargs["num_inference_steps"] = num_inference_steps
     if callback is not None:
         kwargs["callback_on_step_end"] = callback
-    res = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer  # SD / SDXL, or SD3
+    res = denoiser.config.sample_size * pipeline.vae_scale_factor
     preds, images = [], []
     was_disabled = getattr(pipeline, "_progress_bar_config", {}).get("disable", False)
     pipeline.set_progress_bar_config(disable=True)

@@ -25,7 +25,19 @@ sdxl-refiner        StableDiffusionXLImg2ImgPipeline like the SDXL refiner: text
 controlnet          a ControlNetModel folder for ``sd`` (diffusers' ``from_unet``, non-zero outputs)
 sdxl-controlnet     a ControlNetModel folder for ``sdxl``
 dpt                 a DPTForDepthEstimation folder with its image processor (``--depth_estimator``)
+sd3                 StableDiffusion3Pipeline, diffusers' own pipeline-test sizes (two CLIP encoders, T5)
+sd3-no-t5           the same without tokenizer_3 / text_encoder_3 (SD3 runs without T5 at inference)
+sd3-controlnet      an SD3ControlNetModel folder matching ``sd3`` (StableDiffusion3ControlNetPipeline loads it;
+                    SD3 adds ControlNet residuals only before its last block, so with ``sd3``'s one block
+                    it does not change the image)
+flux                FluxPipeline, diffusers' own pipeline-test sizes (CLIP + T5, 1-channel latents packed 2x2)
+flux-controlnet     a FluxControlNetModel folder for ``flux`` (non-zero outputs)
 =================== ============================================================================
+
+The SD3 and FLUX kinds use the component sizes of diffusers' pipeline tests
+(``tests/pipelines/stable_diffusion_3`` and ``tests/pipelines/flux``: ``get_dummy_components``) with this
+project's offline tokenizers (a whole-word CLIP tokenizer, a Unigram T5 tokenizer) instead of the Hub's
+``hf-internal-testing`` ones.
 """
 from __future__ import annotations
 
@@ -195,6 +207,130 @@ def _controlnet(preset: str, seed: int, work: str):
     return net
 
 
+TEST_WORDS = ("a", "photo", "of", "sks", "dog", "in", "bucket", "cat", "painting", "handwritten", "digit", "the")
+
+
+def _dit_text_parts(work: str, t5: bool = True, clip_projection: bool = True) -> dict:
+    """The text encoders and tokenizers of diffusers' SD3 / FLUX pipeline tests: CLIP 32 wide, 5 layers, 4 heads
+    (with or without projection), a T5 encoder of the ``tiny-random-t5`` shape (d_model 32, 5 layers, 4
+    heads); each seeded with 0 as the tests do."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .presets import EMBEDDED_WORDS, build_tokenizer
+    from .t5_tokenizer import build_t5_tokenizer
+
+    words = tuple(dict.fromkeys(EMBEDDED_WORDS + TEST_WORDS))
+    clip_tok = build_tokenizer(os.path.join(work, "clip_tokenizer"), words, max_length=77)
+    n = len(clip_tok)
+    clip = CLIPTextConfig(bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1, hidden_size=32,
+                          intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                          vocab_size=max(1000, n), hidden_act="gelu", projection_dim=32)
+    cls = CLIPTextModelWithProjection if clip_projection else CLIPTextModel
+    torch.manual_seed(0)
+    te1 = cls(clip)
+    torch.manual_seed(0)
+    te2 = cls(clip)
+    out = {"clip_tokenizer": clip_tok, "clip_1": te1, "clip_2": te2}
+    if t5:
+        t5_tok = build_t5_tokenizer(words)
+        torch.manual_seed(0)
+        out["t5"] = T5EncoderModel(T5Config(vocab_size=max(1000, len(t5_tok)), d_model=32, d_ff=37, d_kv=8,
+                                            num_layers=5, num_heads=4, relative_attention_num_buckets=8,
+                                            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        out["t5_tokenizer"] = t5_tok
+    return out
+
+
+def _dit_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    import torch
+
+    torch.manual_seed(0)
+    return AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def sd3_transformer(**changes):
+    """SD3Transformer2DModel at diffusers' pipeline-test size (seed 0)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**dict(dict(sample_size=SIZE, patch_size=1, in_channels=4, num_layers=1,
+                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                             joint_attention_dim=32, pooled_projection_dim=64, out_channels=4),
+                                        **changes))
+
+
+def _sd3(work: str, t5: bool = True):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    text = _dit_text_parts(work, t5=t5)
+    transformer = sd3_transformer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_dit_vae(4),
+        text_encoder=text["clip_1"], tokenizer=text["clip_tokenizer"], text_encoder_2=text["clip_2"],
+        tokenizer_2=text["clip_tokenizer"], text_encoder_3=text.get("t5"), tokenizer_3=text.get("t5_tokenizer"))
+
+
+def _sd3_controlnet():
+    """SD3ControlNetModel sized for ``sd3`` (one layer), its zero-initialised layers randomised (non-zero
+    residuals, as a trained ControlNet has)."""
+    import torch
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(0)
+    net = SD3ControlNetModel(sample_size=SIZE, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                             pooled_projection_dim=64, out_channels=4)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
+                param.normal_(0.0, 0.05)
+    return net
+
+
+def flux_transformer(**changes):
+    """FluxTransformer2DModel at diffusers' pipeline-test size (seed 0)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**dict(dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]), **changes))
+
+
+def _flux(work: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    text = _dit_text_parts(work, clip_projection=False)
+    return FluxPipeline(transformer=flux_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                        vae=_dit_vae(1), text_encoder=text["clip_1"], tokenizer=text["clip_tokenizer"],
+                        text_encoder_2=text["t5"], tokenizer_2=text["t5_tokenizer"])
+
+
+def _flux_controlnet():
+    """FluxControlNetModel.from_transformer of ``flux``'s transformer (one double and one single block), its
+    zero-initialised layers randomised (std 0.2) so the conditioning image visibly changes the result."""
+    import torch
+    from diffusers import FluxControlNetModel
+
+    transformer = flux_transformer()
+    cfg = transformer.config
+    net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=cfg.attention_head_dim,
+                                               num_attention_heads=cfg.num_attention_heads)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                param.normal_(0.0, 0.2)
+    return net
+
+
 def build(kind: str, folder: str, seed: int = 0) -> str:
     """Write the tiny ``kind`` (see the module docstring) into ``folder``; returns ``folder``."""
     import diffusers
@@ -231,6 +367,14 @@ def build(kind: str, folder: str, seed: int = 0) -> str:
                 **_sdxl_kwargs(_sd_components("sdxl-tiny", seed, work, unet_in_channels=9)))
         elif kind == "sdxl-refiner":
             obj = _refiner(seed, work)
+        elif kind in ("sd3", "sd3-no-t5"):
+            obj = _sd3(work, t5=kind == "sd3")
+        elif kind == "sd3-controlnet":
+            obj = _sd3_controlnet()
+        elif kind == "flux":
+            obj = _flux(work)
+        elif kind == "flux-controlnet":
+            obj = _flux_controlnet()
         elif kind in ("controlnet", "sdxl-controlnet"):
             obj = _controlnet("tiny" if kind == "controlnet" else "sdxl-tiny", seed, work)
         else:  # dpt
@@ -243,6 +387,8 @@ def build(kind: str, folder: str, seed: int = 0) -> str:
 
 
 KINDS = ("sd", "sd-safety", "sd-nsfw", "sd-inpaint", "sd-depth", "sd-depth-noest", "ldm", "ddpm", "sdxl",
-         "sdxl-inpaint", "sdxl-refiner", "controlnet", "sdxl-controlnet", "dpt")
+         "sdxl-inpaint", "sdxl-refiner", "controlnet", "sdxl-controlnet", "dpt", "sd3", "sd3-no-t5", "sd3-controlnet",
+         "flux", "flux-controlnet")
 
-__all__ = ["KINDS", "SIZE", "build", "tiny_depth_estimator", "tiny_safety_checker"]
+__all__ = ["KINDS", "SIZE", "build", "flux_transformer", "sd3_transformer", "tiny_depth_estimator",
+           "tiny_safety_checker"]

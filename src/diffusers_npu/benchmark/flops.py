@@ -121,3 +121,87 @@ def step_flops(counts: dict, kind: str, encoders_in_step: bool) -> int:
     if encoders_in_step:
         f += counts["vae_encoder_fwd"] + counts["text_encoder_fwd"]
     return f
+
+
+# ------------------------------------------------------------------------------ diffusion transformers
+#: the attention projections upstream's SD3 / FLUX LoRA scripts adapt by default (image and text streams)
+DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DIT_KINDS = ("full", "lora")
+
+
+def _dit_inputs(p, transformer, resolution: int) -> dict:
+    """Batch-1 meta inputs of an SD3 / FLUX transformer at ``resolution`` px (the pipelines' text lengths:
+    77 CLIP tokens + ``max_sequence_length`` T5 tokens for SD3, the T5 tokens alone for FLUX)."""
+    cfg = transformer.config
+    lat = resolution // p.vae_factor
+    meta = dict(device="meta")
+    if p.family == "flux":
+        tokens = (lat // 2) ** 2  # 2x2 latent patches packed into one token
+        txt = p.max_sequence_length
+        inputs = dict(hidden_states=torch.randn(1, tokens, cfg.in_channels, **meta),
+                      encoder_hidden_states=torch.randn(1, txt, cfg.joint_attention_dim, **meta),
+                      pooled_projections=torch.randn(1, cfg.pooled_projection_dim, **meta),
+                      timestep=torch.ones(1, **meta), img_ids=torch.zeros(tokens, 3, **meta),
+                      txt_ids=torch.zeros(txt, 3, **meta))
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.ones(1, **meta)
+        return inputs
+    return dict(hidden_states=torch.randn(1, cfg.in_channels, lat, lat, **meta),
+                encoder_hidden_states=torch.randn(1, 77 + p.max_sequence_length, cfg.joint_attention_dim, **meta),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, **meta),
+                timestep=torch.ones(1, **meta))
+
+
+def _dit_encoders(p):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**p.vae)
+        encoders = []
+        for kind, cfg in p.text_encoders:
+            if kind == "t5":
+                encoders.append((T5EncoderModel(T5Config(**cfg)), p.max_sequence_length))
+            else:
+                cls = CLIPTextModelWithProjection if kind == "clip_projection" else CLIPTextModel
+                encoders.append((cls(CLIPTextConfig(vocab_size=49408, **cfg)), 77))
+    return vae, encoders
+
+
+def count_dit_flops(name: str, resolution: int, kinds=DIT_KINDS, lora_rank: int = 4) -> dict:
+    """Per-image FLOPs of an SD3 / FLUX preset (:mod:`diffusers_npu.dit_presets`) at batch 1, counted on the
+    meta device: ``full_fwd_bwd`` (every transformer weight trained), ``lora_fwd_bwd`` (adapters on
+    ``DIT_LORA_TARGETS``), ``vae_encoder_fwd`` and ``text_encoder_fwd`` (CLIP(s) + T5, once per caption when
+    cached)."""
+    from ..dit_presets import build_transformer, get_dit_preset
+
+    p = get_dit_preset(name)
+    transformer = build_transformer(name)
+    inputs = _dit_inputs(p, transformer, resolution)
+
+    def step():
+        out = transformer(**inputs, return_dict=False)[0]
+        out.float().pow(2).mean().backward()
+
+    out = {}
+    if "full" in kinds:
+        out["full_fwd_bwd"] = count_flops(step)
+    if "lora" in kinds:  # last: it changes the transformer
+        from ..train.tasks.lora import add_lora
+
+        add_lora(transformer, lora_rank, None, DIT_LORA_TARGETS)
+        out["lora_fwd_bwd"] = count_flops(step)
+    vae, encoders = _dit_encoders(p)
+
+    def vae_enc():
+        with torch.no_grad():
+            vae.encode(torch.randn(1, 3, resolution, resolution, device="meta"))
+
+    def text():
+        with torch.no_grad():
+            for model, length in encoders:
+                model(torch.zeros(1, length, dtype=torch.long, device="meta"))
+
+    out["vae_encoder_fwd"] = count_flops(vae_enc)
+    out["text_encoder_fwd"] = count_flops(text)
+    return out

@@ -191,6 +191,10 @@ def check_lora(path: str) -> Tuple[str, str]:
     return folder, name
 
 
+#: the ControlNet classes --controlnet takes (None: an old config without _class_name, a ControlNetModel)
+CONTROLNET_CLASSES = (None, "ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
+
+
 def check_controlnet(path: str) -> Optional[dict]:
     """``--controlnet``: a local ControlNetModel folder (config.json + weights); returns its config. A Hub id
     returns None (checked when it is loaded)."""
@@ -206,8 +210,9 @@ def check_controlnet(path: str) -> Optional[dict]:
         raise InputError(f"{flag}: {path} has no config.json (expected a ControlNetModel folder written by "
                          "save_pretrained, e.g. our ControlNet training output)")
     config = read_json(config_path, flag)
-    if config.get("_class_name") not in (None, "ControlNetModel"):
-        raise InputError(f"{flag}: {path} holds a {config.get('_class_name')}, not a ControlNetModel")
+    if config.get("_class_name") not in CONTROLNET_CLASSES:
+        raise InputError(f"{flag}: {path} holds a {config.get('_class_name')}, not a ControlNet "
+                         f"({', '.join(c for c in CONTROLNET_CLASSES if c)})")
     if not any(n.startswith("diffusion_pytorch_model") for n in os.listdir(path)):
         raise InputError(f"{flag}: {path} has no diffusion_pytorch_model.safetensors (weights)")
     return config

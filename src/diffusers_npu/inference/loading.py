@@ -102,14 +102,15 @@ def _init_params(pipeline_class, model: str) -> Dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": None}
 
 
-def load_controlnet(path: str, dtype: str, local_files_only: bool = False):
-    from diffusers import ControlNetModel
+def load_controlnet(path: str, dtype: str, local_files_only: bool = False, class_name: str = "ControlNetModel"):
+    """``class_name``: ControlNetModel, SD3ControlNetModel or FluxControlNetModel (its config's _class_name)."""
+    import diffusers
 
+    cls = getattr(diffusers, class_name)
     try:
-        return ControlNetModel.from_pretrained(path, local_files_only=local_files_only,
-                                               **{dtype_kwarg(): torch_dtype(dtype)})
+        return cls.from_pretrained(path, local_files_only=local_files_only, **{dtype_kwarg(): torch_dtype(dtype)})
     except (OSError, ValueError, RuntimeError) as exc:
-        raise _load_error("--controlnet", path, "ControlNet", exc) from None
+        raise _load_error("--controlnet", path, class_name, exc) from None
 
 
 def load_lora(pipe, lora: tuple, scale: float = 1.0) -> None:
@@ -157,6 +158,7 @@ def load_pipeline(
     pipeline_class=None,
     components: Optional[Dict[str, Any]] = None,
     controlnet: Optional[str] = None,
+    controlnet_class: str = "ControlNetModel",
     lora: Optional[tuple] = None,
     lora_scale: float = 1.0,
     local_files_only: bool = False,
@@ -169,7 +171,7 @@ def load_pipeline(
     ``pipeline_class`` defaults to the task's class (or ``DiffusionPipeline``, i.e. whatever
     model_index.json declares). ``disable_safety_checker`` loads with ``safety_checker=None`` and
     ``requires_safety_checker=False`` where the class has them. ``depth_estimator`` is a local DPT folder
-    that replaces the model's own; ``controlnet`` a ControlNetModel folder or Hub id; ``lora`` a
+    that replaces the model's own; ``controlnet`` a folder or Hub id of ``controlnet_class``; ``lora`` a
     ``(folder, weight name)`` pair from :func:`~.inputs.check_lora`, applied at ``lora_scale``.
     ``components`` are passed on to ``from_pretrained`` (e.g. ``{"depth_estimator": None}``). With ``speed``
     (the default) :func:`~.speedup.speed_up` is applied with ``attention``, ``channels_last``, ``compile``.
@@ -201,7 +203,7 @@ def load_pipeline(
         except (OSError, ValueError) as exc:
             raise InputError(f"--depth_estimator: cannot load {depth_estimator}: {exc}") from None
     if controlnet:
-        kwargs["controlnet"] = load_controlnet(controlnet, dtype, controlnet_local_files_only)
+        kwargs["controlnet"] = load_controlnet(controlnet, dtype, controlnet_local_files_only, controlnet_class)
 
     _device.apply_device_settings(device)
     try:

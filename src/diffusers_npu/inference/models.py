@@ -5,7 +5,8 @@
   ``training_info.json``); else the task's Hub default. Local folders are checked with THE model-folder check
   (:func:`diffusers_npu.model_folder.check_pipeline_folder`); Hub ids are looked up once, and offline a clear
   "pass a local folder with --model" replaces the libraries' retries.
-* :func:`is_sdxl` / :func:`pipeline_class_for` -- Stable Diffusion XL folders get the task's SDXL pipeline.
+* :func:`pipeline_class_for` -- the model family (``model_folder.model_family``: SD, SDXL, SD3, FLUX) picks
+  the task's pipeline class for that family.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from ..errors import InputError, ModelError, UsageError
-from ..model_folder import check_pipeline_folder, hub_error, hub_is_reachable, looks_local
+from ..model_folder import check_pipeline_folder, hub_error, hub_is_reachable, looks_local, model_family
 from .inputs import read_json, recorded_base_model
-from .tasks import TaskSpec
+from .tasks import TASKS, TaskSpec
 
 
 @dataclass
@@ -28,11 +29,23 @@ class ModelChoice:
     sdxl: bool
     model_from: Optional[str] = None  # the training_info.json / lora_info.json that named the model
     local_files_only: bool = False  # a Hub id found only in the local cache (offline)
+    family: Optional[str] = None  # sd / sdxl / sd3 / flux (model_folder.model_family), None when unknown
+
+
+#: how messages name the model families
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3",
+                "flux": "FLUX.1"}
+DIT_FAMILIES = ("sd3", "flux")
 
 
 def is_sdxl(index: dict) -> bool:
-    """A Stable Diffusion XL pipeline folder: its class says so, or it has a second text encoder."""
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
+    """A Stable Diffusion XL pipeline folder (``model_folder.model_family`` says ``sdxl``)."""
+    return model_family(index) == "sdxl"
+
+
+def _choice(model: str, local: bool, index: dict, model_from=None, cache_only: bool = False) -> ModelChoice:
+    family = model_family(index)
+    return ModelChoice(model, local, index, family == "sdxl", model_from, cache_only, family)
 
 
 def _cached_file(repo_id: str, filename: str) -> Optional[str]:
@@ -120,9 +133,9 @@ def resolve_model(spec: TaskSpec, args, optional: Iterable[str], say, warn) -> M
         index = check_pipeline_folder(expanded, "--model", optional=optional)
         if given:
             _warn_other_base(args, expanded, warn)
-        return ModelChoice(expanded, True, index, is_sdxl(index), model_from)
+        return _choice(expanded, True, index, model_from)
     index, cache_only = fetch_hub_index(model, "--model", default=not given and model_from is None)
-    return ModelChoice(model, False, index, is_sdxl(index), model_from, cache_only)
+    return _choice(model, False, index, model_from, cache_only)
 
 
 def pipeline_class(name: str, flag: str = "--model"):
@@ -146,6 +159,13 @@ def pipeline_class_for(spec: TaskSpec, choice: ModelChoice):
             raise UsageError(f"--model: {choice.model} is an SDXL refiner (conditioned on an aesthetic score); use it "
                              "with --refiner, or with the img2img / inpainting task")
         return pipeline_class(spec.sdxl_class)
+    if choice.family in DIT_FAMILIES:
+        name = spec.class_for(choice.family)
+        if name is None:
+            able = ", ".join(s.name for s in TASKS.values() if s.class_for(choice.family))
+            raise UsageError(f"--model: {choice.model} is a {FAMILY_NAMES[choice.family]} pipeline; the {spec.name} "
+                             f"task does not support it (tasks that do: {able})")
+        return pipeline_class(name)
     name = spec.pipeline_class or choice.index.get("_class_name")
     if not name:
         raise InputError(f"--model: {choice.model}/model_index.json has no _class_name")
@@ -172,9 +192,34 @@ def component_config(choice: ModelChoice, component: str) -> dict:
     return read_json(path, "--model") if os.path.isfile(path) else {}
 
 
+#: ControlNet class (config.json ``_class_name``) -> the model family it steers (ControlNetModel: sd or sdxl)
+CONTROLNET_FAMILY = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
+
+
+def controlnet_family(config: dict) -> str:
+    name = config.get("_class_name") or "ControlNetModel"
+    if name in CONTROLNET_FAMILY:
+        return CONTROLNET_FAMILY[name]
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
 def check_controlnet_matches(config: dict, path: str, choice: ModelChoice) -> None:
-    """An SDXL ControlNet needs an SDXL model and vice versa; cross-attention widths must agree."""
-    cn_sdxl = config.get("addition_embed_type") == "text_time"
+    """A ControlNet must be of the model's family (SD / SDXL / SD3 / FLUX); its conditioning widths must agree
+    with the denoiser's (cross attention for UNets, the joint attention / text width for transformers)."""
+    cn_family = controlnet_family(config)
+    if cn_family in DIT_FAMILIES or choice.family in DIT_FAMILIES:
+        if cn_family != choice.family:
+            model_kind = FAMILY_NAMES.get(choice.family, str(choice.index.get("_class_name")))
+            raise InputError(f"--controlnet: {path} is a {FAMILY_NAMES[cn_family]} ControlNet "
+                             f"({config.get('_class_name', 'ControlNetModel')}) but --model {choice.model} is a "
+                             f"{model_kind} pipeline; use a ControlNet trained for that base model")
+        want = component_config(choice, "transformer")
+        for key in ("joint_attention_dim", "in_channels"):
+            if key in want and key in config and want[key] != config[key]:
+                raise InputError(f"--controlnet: {path} has {key} {config[key]} but the transformer of "
+                                 f"{choice.model} has {want[key]} (trained for a different base model?)")
+        return
+    cn_sdxl = cn_family == "sdxl"
     if cn_sdxl != choice.sdxl:
         kinds = ("a Stable Diffusion XL", "a Stable Diffusion 1.x/2.x")
         raise InputError(f"--controlnet: {path} is {kinds[not cn_sdxl]} ControlNet but --model {choice.model} is "
@@ -201,8 +246,12 @@ def check_refiner(path: str) -> bool:
 
 
 __all__ = [
+    "CONTROLNET_FAMILY",
+    "DIT_FAMILIES",
+    "FAMILY_NAMES",
     "ModelChoice",
     "check_controlnet_matches",
+    "controlnet_family",
     "check_refiner",
     "check_unet_channels",
     "component_config",

@@ -58,6 +58,7 @@ class Plan:
     lora: Optional[tuple] = None  # (folder, weight file name)
     lora_scale: float = 1.0
     controlnet: Optional[str] = None
+    controlnet_class: str = "ControlNetModel"  # or SD3ControlNetModel / FluxControlNetModel (its config says)
     controlnet_cache_only: bool = False  # a Hub id found only in the local cache (offline)
     refiner: Optional[str] = None
     refiner_cache_only: bool = False
@@ -201,7 +202,7 @@ def _check_embedding(spec, g, choice):
 
 def _check_model_companions(spec, g, choice, cn_config) -> tuple:
     """What must fit the model: UNet channels, ControlNet, refiner, depth estimator. Returns whether the
-    ControlNet and the refiner come from the local Hub cache only (offline)."""
+    ControlNet and the refiner come from the local Hub cache only (offline), and the ControlNet's class."""
     check_unet_channels(spec, choice)
     cn_cache_only = refiner_cache_only = False
     if g("controlnet") and cn_config is None:  # a Hub id: its config.json, from the cache when offline
@@ -227,7 +228,8 @@ def _check_model_companions(spec, g, choice, cn_config) -> tuple:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None):
             raise UsageError(f"--depth_map / --depth_estimator: {choice.model} has no depth_estimator; pass a depth "
                              "image with --depth_map FILE or a DPT folder with --depth_estimator FOLDER")
-    return cn_cache_only, refiner_cache_only
+    cn_class = (cn_config or {}).get("_class_name") or "ControlNetModel"
+    return cn_cache_only, refiner_cache_only, cn_class
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -251,7 +253,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         replaced |= {"depth_estimator", "feature_extractor"}
     choice = resolve_model(spec, args, replaced, say, warn)
     cls = pipeline_class_for(spec, choice)
-    cn_cache_only, refiner_cache_only = _check_model_companions(spec, g, choice, cn_config)
+    cn_cache_only, refiner_cache_only, cn_class = _check_model_companions(spec, g, choice, cn_config)
     if lora is not None and not hasattr(cls, "load_lora_weights"):
         raise UsageError(f"--lora: {cls.__name__} (the pipeline of {choice.model}) cannot load LoRA weights")
 
@@ -268,6 +270,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     if not spec.text and "prompt" in params:
         raise InputError(f"--model: {choice.model} holds a text-guided {cls.__name__}; the {spec.name} task needs "
                          "an unconditional pipeline such as DDPMPipeline")
+    if spec.controlnet and "image" in images and "image" not in params and "control_image" in params:
+        images["control_image"] = images.pop("image")  # the SD3 / FLUX ControlNet pipelines' name for it
     user = {name: g(name) for name in ("negative_prompt", "guidance_scale", "strength", "height", "width",
                                         "controlnet_conditioning_scale") if g(name) is not None}
     if spec.image:
@@ -365,7 +369,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         depth_estimator=g("depth_estimator"), embedding=embedding, sdxl=choice.sdxl,
         local_files_only=choice.local_files_only, lora=lora,
         lora_scale=1.0 if metadata["lora_scale"] is None else metadata["lora_scale"],
-        controlnet=g("controlnet"), controlnet_cache_only=cn_cache_only, refiner=g("refiner"),
+        controlnet=g("controlnet"), controlnet_class=cn_class, controlnet_cache_only=cn_cache_only,
+        refiner=g("refiner"),
         refiner_cache_only=refiner_cache_only, refiner_kwargs=refiner_kwargs,
     )
 

@@ -84,7 +84,7 @@ def load_for_plan(plan: Plan):
         plan.model, task=plan.task, device=plan.device, dtype=plan.dtype, attention=plan.attention,
         disable_safety_checker=plan.disable_safety_checker, compile=plan.compile,
         depth_estimator=plan.depth_estimator, pipeline_class=plan.pipeline_class, components=plan.components,
-        controlnet=plan.controlnet, lora=plan.lora, lora_scale=plan.lora_scale,
+        controlnet=plan.controlnet, controlnet_class=plan.controlnet_class, lora=plan.lora, lora_scale=plan.lora_scale,
         local_files_only=plan.local_files_only, controlnet_local_files_only=plan.controlnet_cache_only,
     )
     if plan.embedding is not None:

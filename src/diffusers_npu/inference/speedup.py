@@ -9,7 +9,8 @@
 2. **channels_last** (:func:`channels_last_policy`) -- the UNet, VAE and ControlNet in NHWC memory format.
    Default: on for CUDA (cuDNN's convolutions are fastest in NHWC in half precision) and whenever the UNet is
    compiled; off on CPU and NPU (Ascend uses its own internal formats; on CPU it measured no faster).
-3. **compile** (:func:`compile_options`) -- ``torch.compile`` of the UNet (and ControlNet), only when asked:
+3. **compile** (:func:`compile_options`) -- ``torch.compile`` of the UNet or the SD3 / FLUX transformer (and
+   the ControlNet), only when asked:
    on CUDA ``max-autotune`` (Triton autotuning plus CUDA graphs; the first image pays minutes of compile);
    on CPU the default mode, with a warning that the warm-up is long; on NPU it is skipped with a warning
    (inductor has no Ascend backend; graph mode there needs torchair). Shapes are fixed within a run, so
@@ -20,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-COMPILED_COMPONENTS = ("unet", "controlnet")
+COMPILED_COMPONENTS = ("unet", "transformer", "controlnet")
 CHANNELS_LAST_COMPONENTS = ("unet", "vae", "controlnet")
 
 
@@ -46,9 +47,11 @@ def compile_options(device: str, mode: Optional[str] = None) -> Optional[dict]:
 
 
 def _has_diffusers_attention(module) -> bool:
+    """diffusers ``Attention`` (UNets, VAEs, SD3) or dispatching attention modules (FLUX)."""
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return any(isinstance(m, Attention) for m in module.modules())
+    return any(isinstance(m, (Attention, AttentionModuleMixin)) for m in module.modules())
 
 
 def speed_up(pipe, device: str, attention: str = "auto", channels_last: Optional[bool] = None,
@@ -62,11 +65,14 @@ def speed_up(pipe, device: str, attention: str = "auto", channels_last: Optional
     import torch
 
     from ..attention import set_attention
+    from ..npu_norm import use_fused_rms_norm
 
     done = [f"attention={attention}"]
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module) and _has_diffusers_attention(component):
             set_attention(component, attention)
+            if device == "npu" and use_fused_rms_norm(component):  # the transformers' q/k norms
+                done.append(f"fused RMSNorm ({type(component).__name__})")
 
     if channels_last is None:
         channels_last = channels_last_policy(device, compile)
@@ -83,7 +89,7 @@ def speed_up(pipe, device: str, attention: str = "auto", channels_last: Optional
         if options is None:
             _warn("--compile is ignored on npu (torch.compile/inductor has no Ascend backend; use torchair)")
         elif not targets:
-            _warn(f"--compile: {type(pipe).__name__} has no unet; running eager")
+            _warn(f"--compile: {type(pipe).__name__} has no unet or transformer; running eager")
         else:
             if not quiet and device == "cuda":
                 _warn("--compile on cuda: the first image includes max-autotune compilation (minutes, even for "

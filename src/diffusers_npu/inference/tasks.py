@@ -21,7 +21,7 @@ _CHANNEL_KINDS = {4: "a text-to-image/img2img model", 5: "a depth-to-image model
 @dataclass(frozen=True)
 class TaskSpec:
     """What a task needs and offers. A ``*_class`` of None: the class model_index.json declares (SD) or the
-    task does not support that family (SDXL)."""
+    task does not support that family (SDXL, SD3, FLUX; see :meth:`class_for`)."""
 
     name: str
     script: str
@@ -31,6 +31,8 @@ class TaskSpec:
     sdxl_class: Optional[str] = None
     unet_in_channels: Tuple[int, ...] = ()  # accepted UNet input channels for SD folders (empty: any)
     sdxl_unet_in_channels: Tuple[int, ...] = ()
+    sd3_class: Optional[str] = None  # Stable Diffusion 3 / 3.5 folders
+    flux_class: Optional[str] = None  # FLUX.1 folders
     text: bool = True  # --prompt / --negative_prompt / --guidance_scale
     image: bool = False  # --image
     mask: bool = False  # --mask_image
@@ -52,6 +54,12 @@ class TaskSpec:
         names = (os.path.splitext(self.script)[0], self.name.replace("-", "_"))
         return tuple(dict.fromkeys(n for n in names if n != self.name))
 
+    def class_for(self, family: Optional[str]) -> Optional[str]:
+        """The pipeline class this task loads for a model family (``model_folder.model_family``): the SDXL /
+        SD3 / FLUX class, or for SD and unknown families the task's class (None: model_index.json's)."""
+        return {"sdxl": self.sdxl_class, "sd3": self.sd3_class, "flux": self.flux_class}.get(family,
+                                                                                             self.pipeline_class)
+
     def channel_error(self, folder: str, channels: int, sdxl: bool) -> Optional[str]:
         """The message for a UNet with ``channels`` inputs if this task cannot use it, else None."""
         allowed = self.sdxl_unet_in_channels if sdxl else self.unet_in_channels
@@ -68,16 +76,20 @@ TASKS: Dict[str, TaskSpec] = {
         TaskSpec(
             "text-to-image", "text-to-image.py", "CompVis/ldm-text2im-large-256",
             "Generate images from a text prompt with any text-to-image pipeline (LDM text2im, Stable "
-            "Diffusion, Stable Diffusion XL, ...): the class model_index.json declares is loaded. SDXL can "
+            "Diffusion, Stable Diffusion XL, Stable Diffusion 3 / 3.5, FLUX.1, ...): the class model_index.json "
+            "declares is loaded (StableDiffusion3Pipeline / FluxPipeline for SD3 / FLUX folders). SDXL can "
             "finish with a refiner (--refiner).",
-            sdxl_class="StableDiffusionXLPipeline", lora=True, refiner=True,
+            sdxl_class="StableDiffusionXLPipeline", sd3_class="StableDiffusion3Pipeline", flux_class="FluxPipeline",
+            lora=True, refiner=True,
             example_prompt="A painting of a squirrel eating a burger",
         ),
         TaskSpec(
             "img2img", "text-guide-img-to-img.py", "nitrosocke/Ghibli-Diffusion",
             "Text-guided image-to-image: re-draw --image following --prompt (StableDiffusionImg2ImgPipeline, "
-            "or StableDiffusionXLImg2ImgPipeline for SDXL folders, refiners included).",
+            "or StableDiffusionXLImg2ImgPipeline for SDXL folders, refiners included; "
+            "StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline for SD3 / FLUX folders).",
             pipeline_class="StableDiffusionImg2ImgPipeline", sdxl_class="StableDiffusionXLImg2ImgPipeline",
+            sd3_class="StableDiffusion3Img2ImgPipeline", flux_class="FluxImg2ImgPipeline",
             unet_in_channels=(4,), sdxl_unet_in_channels=(4,), image=True, strength=True, lora=True,
             example=" --image sketch.png --strength 0.75",
             example_prompt="ghibli style, a fantasy landscape with castles",
@@ -86,8 +98,10 @@ TASKS: Dict[str, TaskSpec] = {
             "inpainting", "text-guide-image-inpainting.py", "runwayml/stable-diffusion-inpainting",
             "Text-guided inpainting: repaint the white part of --mask_image in --image following --prompt "
             "(StableDiffusionInpaintPipeline, which needs an inpainting model whose UNet has 9 input channels; "
-            "StableDiffusionXLInpaintPipeline for SDXL folders, with 9 or 4 input channels).",
+            "StableDiffusionXLInpaintPipeline for SDXL folders, with 9 or 4 input channels; "
+            "StableDiffusion3InpaintPipeline / FluxInpaintPipeline for SD3 / FLUX folders).",
             pipeline_class="StableDiffusionInpaintPipeline", sdxl_class="StableDiffusionXLInpaintPipeline",
+            sd3_class="StableDiffusion3InpaintPipeline", flux_class="FluxInpaintPipeline",
             unet_in_channels=(9,), sdxl_unet_in_channels=(9, 4), image=True, mask=True, strength=True, lora=True,
             example=" --image photo.png --mask_image mask.png",
             example_prompt="Face of a yellow cat, high resolution, sitting on a park bench",
@@ -118,8 +132,10 @@ TASKS: Dict[str, TaskSpec] = {
             "controlnet", "controlnet.py", "runwayml/stable-diffusion-v1-5",
             "Text-to-image guided by a ControlNet and its conditioning image (edges, pose, depth, ... as the "
             "ControlNet was trained): StableDiffusionControlNetPipeline, or StableDiffusionXLControlNetPipeline "
-            "for SDXL folders and SDXL ControlNets.",
+            "for SDXL folders and SDXL ControlNets, StableDiffusion3ControlNetPipeline (SD3ControlNetModel) "
+            "and FluxControlNetPipeline (FluxControlNetModel) for SD3 and FLUX.1.",
             pipeline_class="StableDiffusionControlNetPipeline", sdxl_class="StableDiffusionXLControlNetPipeline",
+            sd3_class="StableDiffusion3ControlNetPipeline", flux_class="FluxControlNetPipeline",
             unet_in_channels=(4,), sdxl_unet_in_channels=(4,), image=True, controlnet=True, lora=True,
             image_help="the conditioning image (required): a local file or an http(s) URL, resized to the output",
             example=" --controlnet path/to/controlnet --image edges.png",

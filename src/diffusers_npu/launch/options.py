@@ -10,7 +10,9 @@ import argparse
 from typing import List, Sequence, Tuple
 
 from ..cliutil import nonneg_int, positive_int
-from .variants import TABLE as VARIANTS
+from .variants import SD3_TABLE, TABLE
+
+VARIANTS = sorted(list(TABLE) + list(SD3_TABLE))
 
 #: ModelZoo option -> training flag (upstream diffusers names).
 MODELZOO_FLAGS = {
@@ -84,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where train_<id>.log (appended to on reruns) and <CaseName>.log go, <id> being "
                         "$ASCEND_DEVICE_ID; default output/<id> (the test/*.sh scripts: test/output/<id>)")
     g.add_argument("--variant", default=None, choices=sorted(VARIANTS), metavar="NAME",
-                   help="one of the original 8-device text-to-image runs (settings in "
+                   help="one of the original 8-device text-to-image runs or the SD3 performance runs (settings in "
                         "diffusers_npu/launch/variants.py): " + ", ".join(sorted(VARIANTS)))
     g.add_argument("--script", default=None, metavar="PATH",
                    help="training script to run instead of the task's example script (e.g. your own copy)")

@@ -1,4 +1,5 @@
-"""The eight 8-device text-to-image runs of the original ModelZoo README, as one table.
+"""The eight 8-device text-to-image runs of the original ModelZoo README, as one table (and the SD3 performance
+runs, :data:`SD3_TABLE`).
 
 ``test/train_{full,performance}_8p_text_to_image_*.sh`` each pass ``--variant=<their name>`` (the script
 name without ``train_`` and ``.sh``); everything that differs between them is here. The default model and
@@ -59,10 +60,37 @@ class Variant:
     flags: Dict[str, object] = field(default_factory=dict)
 
 
+# Stable Diffusion 3 performance runs (test/train_performance_8p_*_sd3.sh): the task's pretrained LaunchProfile
+# on SD3-medium ($SD3_MODEL) and a subject folder ($INSTANCE_DIR) or data set ($DATASET_NAME), 1000 steps.
+SD3_TABLE = {
+    "performance_8p_dreambooth_sd3": "dreambooth_sd3",
+    "performance_8p_dreambooth_lora_sd3": "dreambooth_lora_sd3",
+    "performance_8p_controlnet_sd3": "controlnet_sd3",
+}
+SD3_MODEL_ENV, SD3_DEFAULT_MODEL = "SD3_MODEL", "stabilityai/stable-diffusion-3-medium-diffusers"
+SD3_DATA = {"dreambooth_sd3": "diffusers/dog-example", "dreambooth_lora_sd3": "diffusers/dog-example",
+            "controlnet_sd3": "fusing/fill50k"}
+
+
+def _sd3_variant(name: str) -> Variant:
+    from ..train.registry import get_task
+
+    task = get_task(SD3_TABLE[name])
+    kind_flags, suffix = KINDS["performance"]
+    data = {"instance_data_dir": os.environ["INSTANCE_DIR"]} if os.environ.get("INSTANCE_DIR") and \
+        task.name != "controlnet_sd3" else {"dataset_name": os.environ.get(DATASET_ENV) or SD3_DATA[task.name]}
+    flags = {**task.launch.pretrained, "pretrained_model_name_or_path": os.environ.get(SD3_MODEL_ENV)
+             or SD3_DEFAULT_MODEL, **data, **kind_flags}
+    return Variant(name=name, task=task.name, network=task.launch.network, num_devices=8, case_suffix=suffix,
+                   flags=flags)
+
+
 def get_variant(name: str) -> Variant:
     """The variant called ``name``, its model and data set resolved from the environment now."""
+    if name in SD3_TABLE:
+        return _sd3_variant(name)
     if name not in TABLE:
-        raise UsageError(f"unknown --variant {name!r}; known: {', '.join(sorted(TABLE))}")
+        raise UsageError(f"unknown --variant {name!r}; known: {', '.join(sorted(TABLE) + sorted(SD3_TABLE))}")
     family, precision, kind = TABLE[name]
     env, model, resolution = FAMILIES[family]
     kind_flags, suffix = KINDS[kind]
@@ -73,4 +101,4 @@ def get_variant(name: str) -> Variant:
                    num_devices=8, case_suffix=suffix, flags=flags)
 
 
-__all__ = ["TABLE", "Variant", "get_variant"]
+__all__ = ["SD3_TABLE", "TABLE", "Variant", "get_variant"]

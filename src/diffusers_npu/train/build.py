@@ -57,11 +57,16 @@ def seed_per_rank(t) -> None:
 def module_and_speed(t) -> torch.nn.Module:
     """Load the task's models and apply attention, gradient checkpointing, channels_last and compile."""
     from ..attention import set_attention
+    from ..npu_norm import use_fused_rms_norm
+    from . import memory_plan
 
     a, task = t.args, t.task
     module = task.build_module()
+    memory_plan.check(t, module)  # print the bytes per rank; refuse a plan that cannot fit the device
     for model in task.attention_models():
         set_attention(model, a.attention)
+        if a.device == "npu":  # torch_npu's fused RMSNorm for the transformers' q/k norms (npu_norm.py)
+            use_fused_rms_norm(model)
     if a.gradient_checkpointing:
         for model in task.checkpointing_models():
             enable_gradient_checkpointing(model, a.gradient_checkpointing_fraction)

@@ -53,8 +53,7 @@ def validate(trainer, tag: str) -> Optional[str]:
     finally:
         for m in trained:
             m.train()
-        if a.cache_latents:
-            t.task.release_encoders()
+        t.task.after_validation()
     if not rt.is_main:
         return None
     grid = make_image_grid(images, rows=len(a.validation_prompts), cols=a.num_validation_images)

@@ -76,6 +76,21 @@ def no_autocast(device: torch.device):
         else contextlib.nullcontext()
 
 
+def decode_outside_autocast(vae, device: torch.device) -> None:
+    """Make ``vae.decode`` run in the VAE's own dtype outside any autocast: validation runs under the training
+    autocast, so a fp32 VAE would otherwise decode in half precision (SDXL's and SD3's VAEs overflow in fp16)."""
+    if getattr(vae, "_dnpu_decode_outside_autocast", False):
+        return
+    decode = vae.decode
+
+    def decode_without_autocast(z, *args, **kwargs):
+        with no_autocast(device):  # the latents come from the autocast model: bring them to the VAE
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_without_autocast
+    vae._dnpu_decode_outside_autocast = True
+
+
 def sdxl_prompts_fn(tokenizers, text_encoders, device):
     """``encode_prompts`` for the latent cache: ``{"prompt_embeds", "pooled_prompt_embeds"}`` (float32 CPU)."""
     @torch.no_grad()
@@ -323,16 +338,7 @@ class SDXLTask(DiffusionTask):
         """The validation pipeline. Validation runs under the training autocast; the VAE's decode is taken out
         of it, so a fp32 VAE really decodes in fp32 (SDXL's VAE overflows in fp16)."""
         pipe = self.sd_pipeline()
-        vae = pipe.vae
-        if not getattr(vae, "_dnpu_decode_outside_autocast", False):
-            decode, device = vae.decode, self.rt.device
-
-            def decode_without_autocast(z, *args, **kwargs):
-                with no_autocast(device):  # the latents come from the autocast UNet: bring them to the VAE
-                    return decode(z.to(vae.dtype), *args, **kwargs)
-
-            vae.decode = decode_without_autocast
-            vae._dnpu_decode_outside_autocast = True
+        decode_outside_autocast(pipe.vae, self.rt.device)
         return pipe
 
     def lora_text_encoders(self) -> None:
@@ -405,5 +411,5 @@ def check_sdxl_flags(task) -> None:
 
 
 __all__ = ["BiasedObjective", "SDXLModule", "SDXLTask", "SdxlTokenize", "add_timestep_bias_arguments",
-           "add_vae_argument", "check_sdxl_flags", "encode_prompt", "sdxl_prompts_fn", "time_ids",
+           "add_vae_argument", "check_sdxl_flags", "decode_outside_autocast", "no_autocast", "encode_prompt", "sdxl_prompts_fn", "time_ids",
            "timestep_weights"]

@@ -129,6 +129,11 @@ class Task(abc.ABC):
     def release_encoders(self) -> None:
         """After building the latent cache: move the encoders off the device."""
 
+    def after_validation(self) -> None:
+        """After validation images: send encoders that had left the device (latent cache) away again."""
+        if getattr(self.args, "cache_latents", False):
+            self.release_encoders()
+
     def ema_model(self) -> Optional[torch.nn.Module]:
         """The model --use_ema averages (its trainable parameters)."""
         return None

@@ -134,3 +134,40 @@ def load_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> None
             raise CheckpointError(f"--resume_from_checkpoint: {exact} does not match the adapters being trained "
                                   f"(rank or targets changed?)")
         weights.load_state_into(module, part, where=exact)
+
+
+def save_lora_layers(folder: str, rt, pipeline_cls_name: str, models: Dict[str, torch.nn.Module]) -> List[str]:
+    """Adapters of pipeline components named as the pipeline names them (``transformer``, ``text_encoder``,
+    ``text_encoder_2``) -> ``<pipeline>.save_lora_weights(<name>_lora_layers=...)`` in peft's key layout (what
+    upstream's SD3 / FLUX scripts write) + ``lora_adapters.safetensors`` (exact resume). Collective when
+    sharded; the main process writes."""
+    import diffusers
+
+    states = {name: adapter_state(m) for name, m in models.items()}
+    if not rt.is_main:
+        return []
+    os.makedirs(folder, exist_ok=True)
+    layers = {f"{name}_lora_layers": {k.replace(".default", ""): v for k, v in sd.items()}
+              for name, sd in states.items()}
+    getattr(diffusers, pipeline_cls_name).save_lora_weights(folder, safe_serialization=True, **layers)
+    weights.save_state_dict({f"{name}.{k}": v for name, sd in states.items() for k, v in sd.items()},
+                            os.path.join(folder, ADAPTERS_NAME))
+    return [LORA_WEIGHTS_NAME, ADAPTERS_NAME]
+
+
+def load_lora_layers(folder: str, models: Dict[str, torch.nn.Module]) -> None:
+    """Restore adapters written by :func:`save_lora_layers` into ``models`` (same names)."""
+    from safetensors.torch import load_file
+
+    exact = os.path.join(folder, ADAPTERS_NAME)
+    if not os.path.isfile(exact):
+        raise CheckpointError(f"--resume_from_checkpoint: {folder} has no {ADAPTERS_NAME} (was it written by a run "
+                              f"without LoRA?)")
+    sd = load_file(exact)
+    for name, module in models.items():
+        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        expected = [k for k in module.state_dict() if "lora_" in k]
+        if sorted(part) != sorted(expected):
+            raise CheckpointError(f"--resume_from_checkpoint: {exact} does not match the adapters being trained "
+                                  f"(rank, targets or --train_text_encoder changed?)")
+        weights.load_state_into(module, part, where=exact)

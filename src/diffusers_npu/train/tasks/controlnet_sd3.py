@@ -1,0 +1,178 @@
+"""ControlNet for Stable Diffusion 3 / 3.5 (upstream's ``train_controlnet_sd3.py``): an ``SD3ControlNetModel``
+made from the frozen transformer (its patch / time / text embeddings and first blocks copied, the conditioning
+input projection zeroed, so training starts exactly at the base model) steers the transformer through
+``block_controlnet_hidden_states``, on the flow-matching objective.
+
+The conditioning image is encoded by the VAE like the image (``(z - shift_factor) * scaling_factor``), as
+upstream and ``StableDiffusion3ControlNetPipeline`` do. Data as in the other ControlNet tasks (a
+``conditioning_image`` column, or conditioning derived from the image); each distinct caption is encoded once
+and the text encoders (T5 included) leave the device. The output is an ``SD3ControlNetModel`` folder.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ...errors import ModelError
+from ..dit import SD3, DiTModule, DiTTask, add_dit_arguments
+from ..registry import LaunchProfile, register_task
+from .controlnet import ControlNetTask
+
+logger = logging.getLogger(__name__)
+
+#: upstream's ControlNet depth (``SD3ControlNetModel.from_transformer``'s default), at most the transformer's
+#: blocks before its last (context-pre-only) one
+CONTROLNET_LAYERS = 12
+
+
+class ControlNetSD3Module(DiTModule):
+    """The ControlNet is registered (trained); the transformer is frozen and only referred to."""
+
+    family = SD3
+
+    def forward(self, batch):
+        gens = self.objective.generators(batch)
+        latents = self.latents(batch, gens)
+        embeds, pooled = self.prompt(batch)
+        transformer = self.frozen.transformer
+        sample = self.objective.sample(latents, gens, self.image_seq_len(latents, transformer))
+        # the conditioning image goes through the VAE like the image ([0, 1] -> [-1, 1] as the pipeline's
+        # image processor does)
+        cond_px = batch["conditioning_pixel_values"].to(self.device, non_blocking=True) * 2.0 - 1.0
+        cond = self.latents({"pixel_values": cond_px}, gens)
+        blocks = self.controlnet(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, controlnet_cond=cond, return_dict=False)[0]
+        pred = transformer(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
+                           pooled_projections=pooled, block_controlnet_hidden_states=[b.to(self.weight_dtype)
+                                                                                       for b in blocks],
+                           return_dict=False)[0]
+        return self.objective.flow_loss(pred, sample), {}
+
+
+@register_task
+class ControlNetSD3Task(DiTTask, ControlNetTask):
+    name = "controlnet_sd3"
+    description = ("ControlNet for Stable Diffusion 3 / 3.5 (flow matching): train an SD3ControlNetModel that steers "
+                   "the frozen transformer with a conditioning image.")
+    example = "examples/controlnet/train_controlnet_sd3.py"
+    launch = LaunchProfile(
+        network="StableDiffusion3_controlnet", distributed="ddp",
+        embedded={"train_batch_size": 16, "max_train_steps": 200, "learning_rate": 1e-4, "lr_scheduler": "constant",
+                  "lr_warmup_steps": 0, "checkpointing_steps": 200, "max_sequence_length": 8},
+        pretrained={"resolution": 1024, "train_batch_size": 1, "gradient_accumulation_steps": 4,
+                    "mixed_precision": "bf16", "learning_rate": 1e-5, "lr_scheduler": "constant",
+                    "lr_warmup_steps": 0, "max_train_steps": 15000, "checkpointing_steps": 500,
+                    "gradient_checkpointing": True, "dataloader_num_workers": 4})
+    # upstream's train_controlnet_sd3.py defaults
+    defaults = {"learning_rate": 5e-6, "train_batch_size": 4, "num_train_epochs": 1, "output_dir": "controlnet-model",
+                "validation_steps": 100, "tracker_project_name": "train_controlnet", "distributed": "ddp"}
+    supports_cache = False
+    supports_ema = False
+    ema_refusal = "EMA averages the transformer's weights and the transformer stays frozen here"
+    output_kind = "controlnet"
+
+    @classmethod
+    def prepare_embedded(cls, progress: bool = False) -> dict:
+        from ... import embedded_sd3
+
+        return {**embedded_sd3.prepare(progress=progress), "resolution": embedded_sd3.RESOLUTION}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        ControlNetTask.add_arguments(parser)
+        for action in parser._actions:
+            if action.dest == "controlnet_model_name_or_path":
+                action.help = ("start from this SD3ControlNetModel instead of one made from the transformer "
+                               "(SD3ControlNetModel.from_transformer)")
+        add_dit_arguments(parser)
+        g = parser.add_argument_group("ControlNet SD3 (upstream flags)")
+        g.add_argument("--num_extra_conditioning_channels", type=int, default=0,
+                       help="extra channels of the conditioning input beyond the VAE latents' (0 for image "
+                            "conditioning)")
+        g.add_argument("--upcast_vae", action="store_true",
+                       help="upstream: run the VAE in fp32; it always runs in fp32 here (outside autocast)")
+        g.add_argument("--dataset_preprocess_batch_size", type=int, default=1000,
+                       help="upstream: batch size of its up-front dataset preprocessing; samples are prepared on "
+                            "the fly here, so it only bounds how many captions are encoded at once")
+
+    def validate_args(self):
+        super().validate_args()
+        a = self.args
+        if a.num_extra_conditioning_channels:
+            from ...errors import UsageError
+
+            raise UsageError("--num_extra_conditioning_channels: the conditioning here is an image encoded by the "
+                             "VAE (its latent channels only); extra channels need a data layout this task does not "
+                             "read")
+
+    # ------------------------------------------------------------------------------------------ models
+    def build_module(self):
+        from diffusers import SD3ControlNetModel
+
+        a, rt = self.args, self.rt
+        self.load_components(transformer_dtype=torch.float32)
+        flag = "--controlnet_model_name_or_path"
+        n = self.transformer.config.num_layers
+        if n < 2:  # SD3 adds ControlNet residuals to every block but its last, context-pre-only one
+            raise ModelError(f"--pretrained_model_name_or_path: this SD3 transformer has {n} block; SD3 adds ControlNet "
+                             f"residuals only to the blocks before its last one, so a ControlNet cannot steer it")
+        if a.controlnet_model_name_or_path:
+            try:
+                self.controlnet = SD3ControlNetModel.from_pretrained(a.controlnet_model_name_or_path)
+            except Exception as e:
+                raise ModelError(f"{flag}: cannot load an SD3ControlNetModel from {a.controlnet_model_name_or_path}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        else:  # made from the fp32 transformer, before it drops to the autocast dtype below
+            layers = min(CONTROLNET_LAYERS, n - 1)
+            self.controlnet = SD3ControlNetModel.from_transformer(
+                self.transformer, num_layers=layers, num_extra_conditioning_channels=a.num_extra_conditioning_channels)
+        self.controlnet.to(rt.device).train()
+        self.transformer.requires_grad_(False).eval()
+        if rt.weight_dtype != torch.float32:
+            self.transformer.to(dtype=rt.weight_dtype)  # frozen, never wrapped by the engine
+        return ControlNetSD3Module(self.frozen(transformer=self.transformer), self.objective(), rt.weight_dtype,
+                                   controlnet=self.controlnet)
+
+    def attention_models(self):
+        return [self.transformer, self.vae, self.controlnet]
+
+    def checkpointing_models(self):
+        return [self.controlnet]
+
+    def compile_models(self):
+        return [self.transformer, self.controlnet]
+
+    def ema_model(self):
+        return None
+
+    # -------------------------------------------------------------------------------------------- data
+    def tokenizer_fn(self):
+        """Each distinct caption's prompt states, encoded once (T5 then leaves the device)."""
+        if not hasattr(self, "_table"):
+            from ...data.dataset import caption_options
+
+            rows = self.load_rows()
+            captions = [c for i, cell in enumerate(rows.ds[rows.caption_column])
+                        for c in caption_options(cell, f"row {i} (column {rows.caption_column!r})")]
+            self._table = self.prompt_table(captions + [""] if self.args.proportion_empty_prompts else captions,
+                                            batch_size=self.args.dataset_preprocess_batch_size)
+        return self._table
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def pipeline(self):
+        self.transformer.to(self.rt.device)
+        return self.dit_pipeline(class_name="StableDiffusion3ControlNetPipeline", controlnet=self.controlnet)
+
+    def validation_kwargs(self, index, prompt):
+        return {"control_image": ControlNetTask.validation_kwargs(self, index, prompt)["image"]}
+
+    def save_final(self, folder: str):
+        files = ControlNetTask.save_final(self, folder)
+        if self.rt.is_main:
+            self.training_info(folder, "controlnet", files, load_with="SD3ControlNetModel.from_pretrained(this_folder)")
+        return files
+
+    def summary_extra(self):
+        return {"conditioning": getattr(self, "conditioning_source", None),
+                "controlnet_layers": self.controlnet.config.num_layers if getattr(self, "controlnet", None) else None}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# FLUX.1 DreamBooth (full fine-tuning) on 8 device(s), bf16, sharded with --distributed=fsdp by default (the plan that fits 8 devices of 64 GB).
+# Needs --model_name=<local FLUX.1 folder> and --instance_data_dir (there is no embedded FLUX model).
+# Options: --key=value (docs/launching.md).
+source "$(dirname "$0")/launch_common.sh"
+dnpu_launch dreambooth_flux --num_devices=8 --mixed_precision=bf16 "$@"

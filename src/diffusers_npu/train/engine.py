@@ -3,7 +3,8 @@
 * ``ddp``       -- ``DistributedDataParallel`` through ``accelerator.prepare``: bucketed gradient all-reduce
                    overlapped with the backward, ``no_sync`` on accumulation micro-steps.
 * ``fsdp``      -- accelerate's FSDP plugin (FSDP2, ``fully_shard``): parameters, gradients and optimizer
-                   state sharded over the ranks; UNet transformer and ResNet blocks are the wrapping units;
+                   state sharded over the ranks; UNet transformer and ResNet blocks (and SD3 / FLUX transformer
+                   blocks) are the wrapping units;
                    parameters are all-gathered in the autocast dtype and gradients reduced in fp32.
 * ``deepspeed`` -- accelerate's DeepSpeed plugin, ZeRO stage ``--zero_stage`` (2 or 3); optional dependency
                    (``pip install diffusers-npu[deepspeed]``); DeepSpeed then owns loss scaling.

@@ -27,7 +27,7 @@ RESOLUTION = embedded.RESOLUTION
 TEXT_MAX_LENGTH = 8  # CLIP positions, and the T5 length the embedded runs use (--max_sequence_length)
 TOKEN_EMBEDDING_SCALE = 16.0
 
-TRANSFORMER = dict(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+TRANSFORMER = dict(sample_size=RESOLUTION // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
                    attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
                    pooled_projection_dim=64, pos_embed_max_size=RESOLUTION // 2)
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,

@@ -33,7 +33,7 @@ def test_manifest_lists_every_file_and_the_marker_vouches_for_it(three_checkpoin
     folder = three_checkpoints / "checkpoint-3"
     m = json.load(open(folder / manifest.MANIFEST))
     listed = {rel for rel, _ in manifest.listing(str(folder))}
-    assert set(m["files"]) == listed and "optimizer.pt" in listed and "unet/diffusion_pytorch_model.safetensors" in listed
+    assert set(m["files"]) == listed and pick(str(folder), "optimizer") in listed and "unet/diffusion_pytorch_model.safetensors" in listed
     for rel, entry in m["files"].items():
         assert entry["size"] == os.path.getsize(folder / rel)
         assert entry["crc32"] == manifest.file_crc(str(folder / rel)) and entry["hashed_by"] == 0
@@ -75,10 +75,11 @@ def test_damaged_newest_checkpoint_falls_back_with_one_line_to_the_same_bits(thr
 def test_damaged_checkpoint_named_explicitly_is_one_error_line(three_checkpoints, tmp_path, capsys):
     out = tmp_path / "o"
     copy_checkpoints(str(three_checkpoints), str(out))
-    damage(str(out / "checkpoint-3"), "optimizer.pt", "flip", 0)
+    opt = pick(str(out / "checkpoint-3"), "optimizer")  # the optimizer state's file (DCP: optimizer/__0_0.distcp)
+    damage(str(out / "checkpoint-3"), opt, "flip", 0)
     rc, _, err = main_rc(T2I, argv(out, 3, "--use_ema", "--resume_from_checkpoint", "checkpoint-3"), capsys)
     assert rc == 3 and err.count("\n") == 1 and err.startswith(
-        f"error: --resume_from_checkpoint: {out / 'checkpoint-3'} is damaged: checkpoint-3/optimizer.pt does not "
+        f"error: --resume_from_checkpoint: {out / 'checkpoint-3'} is damaged: checkpoint-3/{opt} does not "
         f"hold what was written (crc32 "), err
     assert ckpt.is_complete(str(out / "checkpoint-3"))  # named by the user: not renamed
     # sizes-only verification does not read the content: the flipped bytes go unnoticed (documented trade-off)

@@ -109,6 +109,17 @@ def _load(path: str, what: str):
                                 f"({os.path.basename(path)}); the checkpoint is incomplete") from None
 
 
+def _dcp_missing(folder: str) -> list:
+    """The data files a torch.distributed.checkpoint folder's metadata names that are not there."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        names = {v.relative_path for v in FileSystemReader(folder).read_metadata().storage_data.values()}
+    except Exception:  # no or unreadable .metadata: nothing more to say than the load's own error
+        return []
+    return sorted(n for n in names if not os.path.exists(os.path.join(folder, n)))
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -241,7 +252,10 @@ class Checkpointer:
             raise type(e)(f"--resume_from_checkpoint: {e}") from None  # the model folders' errors name no flag
         except DiffusersNpuError:
             raise
-        except Exception as e:  # whatever torch, safetensors, DCP or json raise for a damaged file
+        except BaseException as e:  # whatever torch, safetensors, DCP or json raise for a damaged file
+            # torch.distributed.checkpoint's CheckpointException is a BaseException; signals and exits are not ours
+            if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+                raise
             raise unreadable(path, self._reading, e) from None
 
     def _load(self, path: str) -> Optional[dict]:
@@ -262,7 +276,13 @@ class Checkpointer:
             if ema is None:
                 raise CheckpointError(f"--resume_from_checkpoint: {path} has no EMA weights but --use_ema is on")
             t.ema.load(ema, saved.get("ema_steps") or saved.get("ema_optimization_step") or 0)
-        self._reading = "the optimizer state"
+        dcp_files = sorted(n for n in os.listdir(os.path.join(path, "optimizer"))) \
+            if os.path.isdir(os.path.join(path, "optimizer")) else []
+        # DCP's errors name no file: name the files the optimizer state is read from (a missing one first)
+        lost = _dcp_missing(os.path.join(path, "optimizer")) if dcp_files else []
+        self._reading = (f"the optimizer state (optimizer/{lost[0]} is missing)" if lost else
+                         "the optimizer state (" + ", ".join(f"optimizer/{n}" for n in dcp_files) + ")") \
+            if dcp_files else "the optimizer state"
         t.engine.load_optimizer(path)
         self._reading = "lr_scheduler.pt"
         t.lr_scheduler.load_state_dict(_load(os.path.join(path, "lr_scheduler.pt"), "scheduler state"))

@@ -183,7 +183,7 @@ def test_deepspeed_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     args = type("A", (), {"zero_stage": 3, "mixed_precision": "bf16", "train_batch_size": 2,
                           "gradient_accumulation_steps": 1, "max_grad_norm": 1.0})()
-    with pytest.raises(UsageError, match=r"--distributed deepspeed needs DeepSpeed.*pip install 'diffusers-npu\[deepspeed\]'"):
+    with pytest.raises(UsageError, match=r"--distributed deepspeed needs DeepSpeed.*pip install --no-build-isolation -e '\.\[deepspeed\]' in the checkout"):
         engine._deepspeed_plugin(args)
 
 

@@ -14,6 +14,7 @@ rank's.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -82,7 +83,15 @@ def check_training_flags(builder: PlanBuilder, plan: Plan) -> None:
     prog = os.path.basename(plan.program[0]) if plan.program[0] != "-m" else f"diffusers-npu train {plan.task}"
     args = parse_args(task_cls, plan.train_args, prog=prog)
     embedded = {"model": "<the embedded model>", "dataset": "<the embedded data set>"}
-    args = resolve_defaults(args, device_info(plan.topology.device, plan.world), embedded, task_cls)
+    from .. import device as dev
+
+    info = device_info(plan.topology.device, plan.world)
+    if dev.detect_device() != plan.topology.device:
+        # A dry run for devices this machine does not have (8 NPUs planned on a laptop): what the devices
+        # support cannot be probed here, so the capable case is assumed (Atlas A2/A3 and current GPUs have bf16)
+        # and only the flags themselves are validated.
+        info = dataclasses.replace(info, supports_bf16=True)
+    args = resolve_defaults(args, info, embedded, task_cls)
     check_model_family(args, task_cls)
     task_cls(args).validate_args()
 

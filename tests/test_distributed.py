@@ -157,7 +157,7 @@ def test_every_task_two_processes_and_resume_exactly(tmp_path, embedded_paths, e
         loaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "split"), subfolder="checkpoint-2/unet")
         assert sum(p.numel() for p in loaded.parameters()) == sum(v.numel() for v in base.values())
     else:
-        assert sorted(os.listdir(ck)) == sorted(["COMPLETE", "lr_scheduler.pt", "optimizer", "precision.pt",
+        assert sorted(os.listdir(ck)) == sorted(["COMPLETE", "lr_scheduler.pt", "manifest.json", "optimizer", "precision.pt",
                                                  "rng_0.pt", "rng_1.pt", "train_state.json", "unet", "unet_ema"])
     # every task trained: its saved output differs from where it started
     from safetensors.torch import load_file

@@ -617,7 +617,7 @@ def test_sd3_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default_and_l
     for k, v in (("NNODES", "2"), ("NODE_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("PORT", "29600")):
         monkeypatch.setenv(k, v)
     rc, out, _ = run_launcher(["dreambooth_sd3", "--num_devices=8", "--model_name=/models/sd3-medium",
-                               "--extra_args=--instance_data_dir=/data/dog", "--dry_run"], capsys)
+                               "--extra_args=--instance_data_dir=/data/dog", "--output_dir=/shared/sd3", "--dry_run"], capsys)
     assert rc == 0
     command = shlex.split(line_after(out, "On 8 npu devices x 2 nodes it would run: "))
     assert command[command.index("--nproc_per_node") + 1] == "8" and command[command.index("--node_rank") + 1] == "1"
@@ -625,9 +625,9 @@ def test_sd3_full_fine_tuning_on_8_devices_x_2_nodes_is_sharded_by_default_and_l
     assert "--gradient_checkpointing" in command and "--mixed_precision=bf16" in command
     assert command[-1].endswith("train_dreambooth_sd3.py") or "examples/dreambooth/train_dreambooth_sd3.py" in out
     for task in ("dreambooth_lora_sd3", "controlnet_sd3"):
-        rc, out, _ = run_launcher([task, "--num_devices=8", "--model_name=/models/sd3-medium", "--dry_run"], capsys)
+        rc, out, _ = run_launcher([task, "--num_devices=8", "--model_name=/models/sd3-medium", "--output_dir=/shared/sd3", "--dry_run"], capsys)
         assert rc == 0 and "--distributed=ddp" in shlex.split(line_after(out, "Launch: "))
-    rc, out, _ = run_launcher(["dreambooth_sd3", "--variant=performance_8p_dreambooth_sd3", "--dry_run"], capsys)
+    rc, out, _ = run_launcher(["dreambooth_sd3", "--variant=performance_8p_dreambooth_sd3", "--output_dir=/shared/sd3", "--dry_run"], capsys)
     assert rc == 0 and "--max_train_steps=1000" in out and "--report_to=none" in out
 
 

@@ -185,7 +185,8 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results, _ = _torchrun(tmp_path, jobs, port)
-    _assert_ranks_agree(results)
+    # full fine-tuning runs under FSDP by default: each rank holds its own shard (the saved models are compared)
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed"})
     import json
 
     split = json.load(open(tmp_path / "split" / "train_summary.json"))

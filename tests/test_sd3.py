@@ -216,7 +216,7 @@ def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path
                  "--distributed", "ddp", batch=1),
             _job("lora_fsdp", "dreambooth_lora_sd3", tmp_path / "lora_fsdp", 2, *base, *fsdp, batch=1)]
     results, _ = _torchrun(tmp_path, jobs, 29631)
-    _assert_ranks_agree(results)
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "lora_fsdp"})  # FSDP: own shards
     split = json.load(open(tmp_path / "split" / "train_summary.json"))
     assert [p["exit_reason"] for p in split["parts"]] == ["preempted", "completed"]
     assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))

@@ -86,10 +86,17 @@ def test_shards_are_read_row_by_row_and_a_damaged_one_is_rebuilt(tmp_path, caplo
     blob[-7] ^= 0xFF  # one flipped byte inside the tensor data
     open(path, "wb").write(bytes(blob))
     enc = Counting(fake_encode_images)
-    with caplog.at_level(logging.WARNING, logger="diffusers_npu.data"):
-        again = LatentCache.load_or_build(str(tmp_path), {"m": 1}, data, enc, two_field_prompts, True,
-                                          progress=False)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # The handler goes on the package's logger itself: an earlier test's CLI run may have stopped it propagating
+    data_logger = logging.getLogger("diffusers_npu.data")
+    data_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers_npu.data"):
+            again = LatentCache.load_or_build(str(tmp_path), {"m": 1}, data, enc, two_field_prompts, True,
+                                              progress=False)
+    finally:
+        data_logger.removeHandler(caplog.handler)
+    records = list({id(r): r for r in caplog.records}.values())  # once, even when it also propagated to root
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING and r.name.startswith("diffusers_npu")]
     assert len(warnings) == 1 and "shard-00002.safetensors does not match its checksum" in warnings[0]
     assert again.hit is False and enc.calls == 2 * 5  # only the damaged shard, both orientations
     same_examples(examples(again), want)

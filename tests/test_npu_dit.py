@@ -42,10 +42,13 @@ def test_flux_norms_and_attention_take_the_npu_paths_and_match_the_reference(fak
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    fused_before = len(fake_npu.calls_named("npu_fusion_attention"))  # the reference's SDPA calls
     with torch.no_grad():
         got = model(**inputs)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert len(sdpa_calls) == 2 and not fake_npu.calls_named("npu_fusion_attention")
+    # every attention went through SDPA; the stand-in's SDPA, like torch_npu's on this SoC and release, runs the
+    # fusion kernel inside it (one kernel call per SDPA call, none of the project's explicit calls besides)
+    assert len(sdpa_calls) == 2 and len(fake_npu.calls_named("npu_fusion_attention")) - fused_before == len(sdpa_calls)
     assert len(fake_npu.calls_named("npu_rms_norm")) == 6
 
     # Training setting: fp32 weights, bf16 autocast -- the stand-in refuses a gamma of another dtype, so this

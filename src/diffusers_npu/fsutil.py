@@ -83,7 +83,10 @@ def is_disk_full(exc: BaseException, path: str | None = None) -> bool:
     """True for any exception (or one it wraps) that means the disk or quota is full. torch.save reports a
     full disk as a bare stream error ("basic_ios::clear", "unexpected pos ..."); with ``path`` such an I/O
     error counts when the file system holding ``path`` has (almost) no space left."""
-    if path is not None and isinstance(exc, (OSError, RuntimeError)) and free_bytes(path) < 16 * 2**20:
+    dcp = type(exc).__name__ == "CheckpointException"  # torch.distributed.checkpoint: wraps each rank's error
+    if path is not None and (dcp or isinstance(exc, (OSError, RuntimeError))) and free_bytes(path) < 16 * 2**20:
+        return True
+    if dcp and any(isinstance(f, BaseException) and is_disk_full(f) for f in getattr(exc, "failures", {}).values()):
         return True
     seen = set()
     while exc is not None and id(exc) not in seen:

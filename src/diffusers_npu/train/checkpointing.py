@@ -162,7 +162,11 @@ class Checkpointer:
             try:
                 self._write(tmp)
                 failure = None
-            except Exception as e:
+            except BaseException as e:
+                # torch.distributed.checkpoint's CheckpointException (a write error on some rank, e.g. a full
+                # disk) is a BaseException; signals and exits are not failures to agree on
+                if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+                    raise
                 failure = e
             self._agree_on_failure(ranks, failure, final)
             self._check_finite(final)

@@ -260,6 +260,7 @@ class Checkpointer:
             # torch.distributed.checkpoint's CheckpointException is a BaseException; signals and exits are not ours
             if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
                 raise
+            logger.debug("reading %s failed: %s", self._reading, e)  # the whole story, for --log_level debug
             raise unreadable(path, self._reading, e) from None
 
     def _load(self, path: str) -> Optional[dict]:

@@ -379,7 +379,11 @@ class Engine:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
             holder = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-            dcp.load(holder, checkpoint_id=sharded)
+            from torch.distributed.checkpoint import DefaultLoadPlanner
+
+            # Parameters that had no optimizer state when it was saved (no gradient yet, e.g. text-encoder LoRA
+            # before its first update) are absent from the checkpoint: they keep the fresh state built here.
+            dcp.load(holder, checkpoint_id=sharded, planner=DefaultLoadPlanner(allow_partial_load=True))
             set_optimizer_state_dict(self.model, self.optimizer, holder["optimizer"])
         elif os.path.isfile(single) and not self.is_sharded:  # written by earlier versions
             self.optimizer.load_state_dict(torch.load(single, map_location="cpu", weights_only=False))

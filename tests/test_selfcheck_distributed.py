@@ -38,11 +38,8 @@ def test_two_processes_match_one_under_every_engine(tmp_path):
     ds = engines["deepspeed"]
     if ds.result == "skip":
         assert ds.note == "DeepSpeed is not installed (pip install --no-build-isolation -e '.[deepspeed]' in the checkout)"
-    elif ds.result == "FAIL" and ds.max_error is not None and ds.max_error == pytest.approx(1.0, abs=1e-3):
-        # issue #19: on CPU accelerate wraps the module in DDP and nothing steps (the update is 100% off);
-        # the engine rewrite fixes it -- this branch then passes the line below.
-        pytest.xfail(f"DeepSpeed trained nothing on CPU (issue #19): {ds.note}")
-    assert ds.result == "pass", ds.note
+    else:  # DeepSpeed really trains on CPU now (issue #19): its steps match one process
+        assert ds.result == "pass", ds.note
 
 
 def test_nproc_out_of_range_is_one_line(capsys):

@@ -102,7 +102,7 @@ def test_shards_are_read_row_by_row_and_a_damaged_one_is_rebuilt(tmp_path, caplo
     same_examples(examples(again), want)
     caplog.clear()
     third = LatentCache.load_or_build(str(tmp_path), {"m": 1}, data, enc, two_field_prompts, True, progress=False)
-    assert third.hit is True and enc.calls == 10 and not caplog.records
+    assert third.hit is True and enc.calls == 10 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_an_interrupted_build_resumes_from_its_finished_shards(tmp_path, monkeypatch):

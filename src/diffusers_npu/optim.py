@@ -217,8 +217,8 @@ def build_optimizer(
     tensors, while NpuFusedAdamW keeps stepping the buffers it combined at its first step) every name becomes
     torch's foreach AdamW (the same maths), with a warning.
 
-    ``engine`` is the training engine that will step it (``none|ddp|fsdp|zero2|zero3``, from
-    :class:`~diffusers_npu.train.engine.Engine`); it does not change the choice yet.
+    ``engine`` comes from :class:`~diffusers_npu.train.engine.Engine` (``none|ddp|fsdp|zero2|zero3``); off NPU
+    it does not change the choice.
 
     ``grad_scaling=True`` (an fp16 GradScaler will step it): on CUDA / CPU choose implementations that
     take the scaler's ``grad_scale`` / ``found_inf`` on the device (:func:`supports_sync_free_amp`), so

@@ -9,9 +9,8 @@ Install for development with ``pip install -e .[test]``. Extras:
 from setuptools import find_packages, setup
 
 with open("requirements.txt") as f:
-    install_requires = [
-        line.strip() for line in f if line.strip() and not line.startswith("#")
-    ]
+    # a requirement per line; "#" starts a comment (whole-line or trailing)
+    install_requires = [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
 
 setup(
     name="diffusers-npu",

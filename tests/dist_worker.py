@@ -5,7 +5,7 @@ the exit code, the engine that really trained and a checksum of what this rank h
     torchrun --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
 ``JOBS.json``: ``[{"name": ..., "task": ..., "args": [...], "sigterm_at": step or null, "sigterm_rank": r,
-"nan_at": step or null, "nan_rank": r, "kill_at": step or null}]``. A job with ``sigterm_at`` sends SIGTERM to this process on rank
+"nan_at": step or null, "nan_rank": r, "kill_at": step or null, "damage": {...} or null}]``. A job with ``sigterm_at`` sends SIGTERM to this process on rank
 ``sigterm_rank`` (default 1) right after that optimizer step, like a pre-emption that reaches one rank first.
 A job with ``kill_at`` sends SIGKILL instead (a rank that dies). ``{node}`` in an argument becomes this
 process's node rank (``GROUP_RANK``), for node-local folders. A job with ``nan_at`` makes the loss NaN on rank ``nan_rank`` (default 1) only, in that optimizer step.
@@ -30,6 +30,24 @@ def local_sum(p) -> float:
     if hasattr(p, "to_local"):  # FSDP2 DTensor: this rank's shard
         return float(p.to_local().detach().double().sum())
     return float(p.detach().double().sum())
+
+
+def damage_before(job, rank):
+    """``"damage": {"src", "kind", "fault", "seed"}``: rank 0 copies the checkpoints of ``src`` into the job's
+    --output_dir and damages one file of the newest (tests/faults.py); the others wait for it."""
+    import torch.distributed as dist
+
+    from faults import copy_checkpoints, damage, pick
+
+    d = job["damage"]
+    out = job["args"][job["args"].index("--output_dir") + 1]
+    if rank == 0:
+        copy_checkpoints(d["src"], out)
+        rel = pick(os.path.join(out, "checkpoint-3"), d["kind"])
+        print(f"DAMAGE {job['name']} {rel} {damage(os.path.join(out, 'checkpoint-3'), rel, d['fault'], d['seed'])}",
+              flush=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def main():
@@ -79,6 +97,8 @@ def main():
         cls.after_optimizer_step = after
         cls.build_module = build
         seen.clear()
+        if job.get("damage"):
+            damage_before(job, rank)
         try:
             node = os.environ.get("GROUP_RANK", "0")
             rc = train_main(cls, [a.replace("{node}", node) for a in job["args"]])
@@ -94,6 +114,9 @@ def main():
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: where a hung worker waits
     torch.set_num_threads(1)
     # The last job's exit code is the process's: torchrun then sees a failed job as a failure (with every
     # worker at 0 an agent would wait for the others at its exit barrier, minutes when a node has failed).

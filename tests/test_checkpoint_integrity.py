@@ -163,3 +163,36 @@ def test_two_ranks_share_the_hashing_refuse_node_local_folders_and_agree_on_the_
     assert os.path.isdir(out / "checkpoint-2.damaged") and (r.stdout + r.stderr).count("is damaged") == 1
     assert not [p for p in os.listdir(tmp_path) if "local" in p and
                 any(ckpt.is_complete(str(tmp_path / p / c)) for c in os.listdir(tmp_path / p))]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_resume_falls_back_from_each_kind_of_damaged_file(tmp_path, embedded_paths):
+    """2 processes under FSDP (each rank writes its own UNet, EMA and DCP optimizer shards and RNG file): one run
+    makes three checkpoints; then, in the same process group, each kind of file of the newest checkpoint is
+    damaged in turn (rank 1's own file where the kind has one per rank; the faults rotate) and the same command
+    resumes: one line names the damaged file, both ranks fall back to checkpoint-2 and end bit-identical to the
+    uninterrupted run, with no traceback."""
+    from test_distributed import _job, _torchrun
+
+    fsdp = [*FLAGS, "--distributed", "fsdp"]
+    src = tmp_path / "three"
+    jobs = [_job("three", T2I, src, 3, *fsdp, ckpt=1)]
+    for seed, kind in enumerate(KINDS):
+        jobs.append(_job(kind, T2I, tmp_path / kind, 3, *fsdp, ckpt=1,
+                         damage={"src": str(src), "kind": kind, "fault": FAULTS[seed % len(FAULTS)], "seed": seed}))
+    results, stdout = _torchrun(tmp_path, jobs, 29627)
+    assert all(rc == 0 for ranks in results.values() for rc, _ in ranks.values()), results
+    assert "Traceback" not in stdout, stdout[-3000:]
+    expected = weights(src)
+    assert len(set(json.load(open(src / "unet" / "diffusion_pytorch_model.safetensors.index.json"))["weight_map"]
+                   .values())) == 2  # the final UNet too was written by both ranks (sharded layout)
+    for kind in KINDS:
+        out = tmp_path / kind
+        (rel, what), = re.findall(rf"^DAMAGE {kind} (\S+) (.+)$", stdout, re.M)
+        if kind in ("weights", "ema", "optimizer", "rng"):
+            assert re.search(r"(00002-of-|__1_|rng_1)", rel), (kind, rel)  # rank 1's own file
+        lines = [ln for ln in stdout.splitlines() if "is damaged" in ln and str(out) in ln]
+        assert len(lines) == 1 and f"checkpoint-3/{rel}" in lines[0] and "renamed to checkpoint-3.damaged" in lines[0], \
+            (what, lines)
+        assert f"resumed from {out / 'checkpoint-2'} at step 2" in stdout, what
+        assert same_weights(weights(out), expected), f"{what}: the resumed run ended on other weights"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -407,38 +405,63 @@ def test_full_fine_tuning_defaults_to_fsdp_and_lora_to_ddp():
 
 # ------------------------------------------------------------------------------------------------ slow
 
-def _torchrun(out, model, data, mode, port):
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(REPO, "examples/text_to_image/train_text_to_image_sdxl.py"),
-           *base_args(model, data, out, "--distributed", mode, "--per_sample_noise", "--learning_rate", "1.0",
-                      # a huge epsilon makes AdamW's step proportional to the gradient (SGD-like): float
-                      # summation order then moves the result by rounding only, not by flipped signs
-                      "--adam_epsilon", "1e3", "--adam_weight_decay", "0", steps=2)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.load(open(os.path.join(out, "train_summary.json")))
-
-
 @pytest.mark.slow
-def test_two_process_ddp_and_fsdp_runs_agree(tiny_sdxl, digits, tmp_path):
-    from diffusers import UNet2DConditionModel
+def test_every_sdxl_task_on_two_processes_and_full_fine_tuning_under_every_engine(tiny_sdxl, digits, tmp_path):
+    """One torchrun (2 CPU processes, gloo, tests/dist_worker.py): full fine-tuning under ddp, fsdp, ZeRO-2 and
+    ZeRO-3, one step at global batch 4, equals one process with batch 4 within 0.1% of the largest update (AdamW at
+    a huge epsilon: the update is proportional to the gradient) and ran on the engine asked for; LoRA with both
+    text encoders, DreamBooth-LoRA with prior preservation and ControlNet under ddp and fsdp train, and what
+    they save loads."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import load_file
 
-    unets = {}
-    for mode, port in (("ddp", 29531), ("fsdp", 29532)):
-        summary = _torchrun(tmp_path / mode, tiny_sdxl, digits, mode, port)
-        assert summary["world_size"] == 2 and summary["distributed"] == mode and summary["global_batch"] == 4
-        unets[mode] = UNet2DConditionModel.from_pretrained(str(tmp_path / mode), subfolder="unet").state_dict()
-        # FSDP's checkpoint UNet is written in diffusers' sharded layout, one file per rank
-        ckpt_unet = tmp_path / mode / "checkpoint-2" / "unet"
-        assert UNet2DConditionModel.from_pretrained(str(ckpt_unet)) is not None
-        generate(sdxl_pipeline(str(tmp_path / mode)))
+    from test_distributed import MATRIX, _assert_ranks_agree, _job, _ran, _torchrun
+    from trainkit import free_port
+
+    data = ["--pretrained_model_name_or_path", tiny_sdxl, "--dataset_name", digits, "--resolution", "16",
+            "--max_train_samples", "32"]
+    compare = ["--per_sample_noise", "--learning_rate", "1.0", "--adam_epsilon", "1e3", "--adam_weight_decay", "0"]
+    jobs = [_job(f"full-{e}", "text_to_image_sdxl", tmp_path / f"full-{e}", 1, *data, *compare, *flags)
+            for e, flags in MATRIX.items()]
+    for e in ("ddp", "fsdp"):
+        dist = ["--distributed", e, "--learning_rate", "1e-2"]
+        jobs += [_job(f"lora-{e}", "text_to_image_lora_sdxl", tmp_path / f"lora-{e}", 2, *data, *dist,
+                      "--train_text_encoder", "--rank", "4"),
+                 _job(f"dblora-{e}", "dreambooth_lora_sdxl", tmp_path / f"dblora-{e}", 2, *data, *dist,
+                      "--with_prior_preservation", "--num_class_images", "2", "--class_inference_steps", "2",
+                      "--sample_batch_size", "2", batch=1),
+                 _job(f"cn-{e}", "controlnet_sdxl", tmp_path / f"cn-{e}", 2, *data, *dist)]
+    results, _ = _torchrun(tmp_path, jobs, free_port())
+    _assert_ranks_agree(results, sharded={n for n in results if n.endswith(("fsdp", "zero3"))})
+    for job in jobs:
+        name = job["name"]
+        assert _ran(_torchrun.engines, name, name.split("-")[1]), (name, _torchrun.engines[name])
+
+    run(TextToImageSDXLTask, base_args(tiny_sdxl, digits, tmp_path / "one", *compare, steps=1, batch=4))
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").state_dict()
-    d_ddp = torch.cat([(unets["ddp"][k] - base[k]).flatten() for k in base])
-    d_fsdp = torch.cat([(unets["fsdp"][k] - base[k]).flatten() for k in base])
-    # Same global batch and per-sample noise: the same update up to float summation order.
-    assert d_ddp.abs().max() > 0
-    assert (d_ddp - d_fsdp).abs().max() <= 1e-3 * d_ddp.abs().max()
+
+    def update(folder):
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").state_dict()
+        return torch.cat([(unet[k] - base[k]).flatten() for k in base])
+
+    d1 = update(tmp_path / "one")
+    assert d1.abs().max() > 0
+    for e in MATRIX:
+        d2 = update(tmp_path / f"full-{e}")
+        assert d2.abs().max() > 0, f"{e}: the saved UNet is the base model (nothing trained)"
+        assert (d2 - d1).abs().max() <= 1e-3 * d1.abs().max(), e
+    # the sharded engines' final UNet: each rank wrote its own tensors, and the pipeline loads and generates
+    index = tmp_path / "full-fsdp" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    assert len(set(json.load(open(index))["weight_map"].values())) == 2
+    generate(sdxl_pipeline(str(tmp_path / "full-zero3")))
+    for e in ("ddp", "fsdp"):
+        for name in (f"lora-{e}", f"dblora-{e}"):
+            sd = load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors"))
+            ups = [v for k, v in sd.items() if "lora_B" in k or ".up." in k]
+            assert ups and max(float(v.abs().max()) for v in ups) > 0, name
+        assert {k.split(".")[0] for k in load_file(str(tmp_path / f"lora-{e}" / "pytorch_lora_weights.safetensors"))} \
+            == {"unet", "text_encoder", "text_encoder_2"}
+        assert ControlNetModel.from_pretrained(str(tmp_path / f"cn-{e}")).config.addition_embed_type == "text_time"
 
 
 @pytest.mark.slow

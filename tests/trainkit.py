@@ -38,10 +38,10 @@ def main_rc(task, args, capsys=None):
 
 
 def weights(folder, sub="unet", name="diffusion_pytorch_model.safetensors") -> dict:
-    from safetensors.torch import load_file
+    """The tensors of a saved model folder (single file, or the sharded layout FSDP / ZeRO-3 runs write)."""
+    from diffusers_npu.train.weights import read_state
 
-    path = os.path.join(str(folder), sub, name) if sub else os.path.join(str(folder), name)
-    return load_file(path)
+    return read_state(os.path.join(str(folder), sub) if sub else str(folder), name)
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -69,3 +69,12 @@ def run_subprocess(cmd, timeout=600, **env):
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
     return subprocess.run([sys.executable if c == "python" else c for c in cmd], capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+def free_port() -> int:
+    """A free TCP port for a torchrun rendezvous (fixed ports collide with other test runs on the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -44,10 +44,10 @@ def compare_flags(batch: int) -> List[str]:
 def update_error(base_dir: str, reference_dir: str, other_dir: str) -> tuple:
     """``(max |update difference| / max |reference update|, max |reference update|)`` of the saved UNets."""
     import torch
-    from safetensors.torch import load_file
 
-    name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
-    base, ref, other = (load_file(os.path.join(d, name)) for d in (base_dir, reference_dir, other_dir))
+    from ..train.weights import read_state
+
+    base, ref, other = (read_state(os.path.join(d, "unet")) for d in (base_dir, reference_dir, other_dir))
     if set(other) != set(base):
         raise ValueError("the saved UNet has other tensors than the base model")
     d_ref = torch.cat([(ref[k].double() - base[k].double()).flatten() for k in base])

@@ -176,6 +176,11 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
                         "backend (NCCL, HCCL, gloo; upstream's name). Long single-process phases (class images, "
                         "validation, the learning check, the final save) keep the other ranks waiting; torch's "
                         f"defaults (600 s NCCL, 1800 s gloo) can kill such a run. Default {DEFAULT_TIMEOUT_S}")
+    g.add_argument("--save_consolidated", action="store_true",
+                   help="under FSDP / ZeRO-3, gather the final trained model onto the main process and write single "
+                        "files (that process then holds the whole model on its CPU). Default: each rank writes the "
+                        "tensors it owns in diffusers' sharded layout (an index plus one file per rank), which "
+                        "from_pretrained reads; no rank holds the whole model. Checkpoints are always sharded")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="set by old launchers (torch.distributed.launch); the LOCAL_RANK variable wins")
     g.add_argument("--attention", default=None, choices=["auto", "flash", "upcast", "default"],

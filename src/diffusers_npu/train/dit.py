@@ -400,18 +400,20 @@ class DiTTask(DiffusionTask):
         ran in the autocast dtype; the output carries the base model's weights."""
         from . import weights
 
-        transformer = weights.full_copy(self.transformer, self.rt.is_main)
-        trained = {n: weights.full_copy(m, self.rt.is_main) for n, m in self.trained_text_encoders().items()}
+        a, fam = self.args, self.family
+
+        def build(transformer, **trained):
+            encoders = dict(trained)
+            for n, m in self.encoders.items():
+                if n not in encoders and m.dtype != torch.float32:
+                    encoders[n] = load_component(n, a.pretrained_model_name_or_path, a.revision, a.variant,
+                                                 cls_name=fam.classes[n])
+            return self.dit_pipeline(transformer=transformer, encoders=encoders)
+
+        weights.save_pipeline(folder, self.rt.is_main, build,
+                              {"transformer": self.transformer, **self.trained_text_encoders()}, a.save_consolidated)
         if not self.rt.is_main:
             return []
-        a, fam = self.args, self.family
-        encoders = dict(trained)
-        for n, m in self.encoders.items():
-            if n not in encoders and m.dtype != torch.float32:
-                encoders[n] = load_component(n, a.pretrained_model_name_or_path, a.revision, a.variant,
-                                             cls_name=fam.classes[n])
-        pipe = self.dit_pipeline(transformer=transformer, encoders=encoders)
-        pipe.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "pipeline", files)
         return files

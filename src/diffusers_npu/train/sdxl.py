@@ -384,17 +384,20 @@ class SDXLTask(DiffusionTask):
         """The final full pipeline (the UNet gathered when sharded), main process."""
         from . import weights
 
-        unet = weights.full_copy(self.unet, self.rt.is_main)
+        a = self.args
+
+        def build(unet):
+            te, te2 = self.text_encoder, self.text_encoder_2
+            if te.dtype != torch.float32:  # they ran in the autocast dtype; the output keeps the base's weights
+                path = a.pretrained_model_name_or_path
+                te = load_component("text_encoder", path, a.revision, a.variant)
+                te2 = load_component("text_encoder_2", path, a.revision, a.variant,
+                                     cls_name=SDXL_CLASSES["text_encoder_2"])
+            return self.sd_pipeline(unet=unet, text_encoder=te, text_encoder_2=te2)
+
+        weights.save_pipeline(folder, self.rt.is_main, build, {"unet": self.unet}, a.save_consolidated)
         if not self.rt.is_main:
             return []
-        a = self.args
-        te, te2 = self.text_encoder, self.text_encoder_2
-        if te.dtype != torch.float32:  # they ran in the autocast dtype; the output keeps the base's weights
-            path = a.pretrained_model_name_or_path
-            te = load_component("text_encoder", path, a.revision, a.variant)
-            te2 = load_component("text_encoder_2", path, a.revision, a.variant, cls_name=SDXL_CLASSES["text_encoder_2"])
-        pipe = self.sd_pipeline(unet=unet, text_encoder=te, text_encoder_2=te2)
-        pipe.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "pipeline", files)
         return files

@@ -13,8 +13,10 @@ partition lives in ``param.ds_tensor``. For both, nothing here gathers the whole
 * :func:`load_pretrained` reads a single-file or sharded diffusers folder tensor by tensor and copies each
   rank's own slice (``torch.chunk`` along dim 0, FSDP2's sharding) into the local shard (ZeRO-3: rank 0
   writes the gathered parameter and DeepSpeed re-partitions it).
-* :func:`full_copy` (the final pipeline of some tasks) does gather: one tensor at a time, kept on the main
-  process only, which then holds one whole copy of the trained model on its CPU.
+* :func:`save_model` / :func:`save_pipeline` write the final output. A sharded trained model is written in
+  the sharded layout above (each rank its own tensors, no rank holds the whole model); only with
+  ``consolidated`` (``--save_consolidated``) is it gathered by :func:`full_copy`, one tensor at a time, onto the
+  main process, which then holds one whole copy of the trained model on its CPU and writes single files.
 
 All functions must be called on EVERY rank when the model is sharded (they contain collectives).
 """
@@ -176,6 +178,17 @@ def _weight_files(folder: str, weights_name: str = SAFE_WEIGHTS) -> Tuple[Dict[s
     raise CheckpointError(f"{folder} holds no {weights_name} (nor its sharded index)")
 
 
+def read_state(folder: str, weights_name: str = SAFE_WEIGHTS) -> Dict[str, torch.Tensor]:
+    """Every tensor of a model folder on the CPU, single-file or sharded layout (for checks and tests)."""
+    from safetensors.torch import load_file
+
+    files, _ = _weight_files(folder, weights_name)
+    out: Dict[str, torch.Tensor] = {}
+    for path in sorted(set(files.values())):
+        out.update(load_file(path))
+    return out
+
+
 def load_pretrained(model: torch.nn.Module, folder: str, target: Optional[Dict[str, torch.Tensor]] = None,
                     weights_name: Optional[str] = None, allow_missing: Iterable[str] = ()) -> None:
     """Copy the weights of a diffusers / transformers model folder into ``model`` (or into ``target``, a dict of
@@ -255,11 +268,56 @@ def full_copy(model, is_main: bool):
         del value
     if not is_main:
         return None
-    # fully_shard swaps the class for a generated FSDP subclass; rebuild the plain diffusers class.
-    cls = next((c for c in type(model).__mro__ if not c.__name__.startswith("FSDP") and hasattr(c, "from_config")),
-               None)
-    if cls is None:
-        raise TypeError(f"cannot rebuild {type(model).__name__} from its config")
-    copy = cls.from_config(model.config)
+    cls = plain_class(model)
+    copy = cls.from_config(model.config) if hasattr(cls, "from_config") else cls(model.config)
     copy.load_state_dict(sd)
     return copy
+
+
+def plain_class(model) -> type:
+    """The model's own diffusers / transformers class (fully_shard swaps it for a generated FSDP subclass)."""
+    cls = next((c for c in type(model).__mro__ if not c.__name__.startswith("FSDP")
+                and (hasattr(c, "from_config") or hasattr(c, "config_class"))), None)
+    if cls is None:
+        raise TypeError(f"cannot tell the model class of {type(model).__name__}")
+    return cls
+
+
+def save_model(model, folder: str, is_main: bool, consolidated: bool = False) -> None:
+    """A final model folder that ``from_pretrained`` reads. Sharded (FSDP / ZeRO-3): every rank writes the tensors
+    it owns (:func:`save_pretrained`), unless ``consolidated``: then gathered onto the main process, single files.
+    Collective when sharded: every rank calls it."""
+    if is_sharded(model) and not consolidated:
+        save_pretrained(model, folder, is_main)
+        return
+    whole_model = full_copy(model, is_main)
+    if is_main:
+        whole_model.save_pretrained(folder, safe_serialization=True)
+
+
+def save_pipeline(folder: str, is_main: bool, build, trained: Dict[str, Optional[torch.nn.Module]],
+                  consolidated: bool = False) -> None:
+    """The final pipeline folder. ``build(**components)`` makes the pipeline on the main process from the trained
+    modules ``trained`` (name -> module) and whatever else it loads itself. A sharded trained module is left out
+    of the pipeline's own save, written by every rank in the sharded layout, and named in ``model_index.json``;
+    with ``consolidated`` it is gathered onto the main process instead. Collective: every rank calls it."""
+    sharded = {} if consolidated else {n: m for n, m in trained.items() if m is not None and is_sharded(m)}
+    whole_models = {n: (full_copy(m, is_main) if m is not None else None)
+                    for n, m in trained.items() if n not in sharded}  # collective for sharded ones
+    if is_main:
+        pipe = build(**whole_models, **{n: None for n in sharded})
+        if sharded:
+            pipe.register_modules(**{n: None for n in sharded})  # written below, by every rank
+        pipe.save_pretrained(folder, safe_serialization=True)
+        if sharded:
+            path = os.path.join(folder, "model_index.json")
+            with open(path) as f:
+                index = json.load(f)
+            for n, m in sharded.items():
+                cls = plain_class(m)
+                index[n] = [cls.__module__.split(".")[0], cls.__name__]
+            with open(path + ".tmp", "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+    for n, m in sharded.items():
+        save_pretrained(m, os.path.join(folder, n), is_main)

@@ -187,10 +187,9 @@ class ControlNetTask(DiffusionTask):
         return None
 
     def save_final(self, folder: str) -> List[str]:
-        controlnet = weights.full_copy(self.controlnet, self.rt.is_main)  # the final output is never sharded
+        weights.save_model(self.controlnet, folder, self.rt.is_main, self.args.save_consolidated)
         if not self.rt.is_main:
             return []
-        controlnet.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "controlnet", files, load_with="ControlNetModel.from_pretrained(this_folder)")
         return files

@@ -380,15 +380,19 @@ class DreamBoothTask(DiffusionTask):
                 self.training_info(folder, "lora", files, rank=a.lora_rank,
                                    load_with="pipeline.load_lora_weights(this_folder)")
             return files
-        unet = weights.full_copy(self.unet, rt.is_main)
-        te = weights.full_copy(self.text_encoder, rt.is_main) if a.train_text_encoder else self.text_encoder
+        def build(**trained):
+            pipe = self.sd_pipeline(**trained)
+            if a.skip_save_text_encoder:
+                pipe.text_encoder = None
+                pipe.register_to_config(text_encoder=(None, None))
+            return pipe
+
+        trained = {"unet": self.unet, "text_encoder": self.text_encoder if a.train_text_encoder else None}
+        if not a.train_text_encoder or a.skip_save_text_encoder:
+            trained.pop("text_encoder")
+        weights.save_pipeline(folder, rt.is_main, build, trained, a.save_consolidated)
         if not rt.is_main:
             return []
-        pipe = self.sd_pipeline(unet=unet, text_encoder=te)
-        if a.skip_save_text_encoder:
-            pipe.text_encoder = None
-            pipe.register_to_config(text_encoder=(None, None))
-        pipe.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "pipeline", files)
         return files

@@ -133,11 +133,9 @@ class TextToImageTask(DiffusionTask):
                 self.training_info(folder, "lora", files, rank=self.args.lora_rank,
                                    load_with="pipeline.load_lora_weights(this_folder)")
             return files
-        unet = weights.full_copy(self.unet, rt.is_main)
+        weights.save_pipeline(folder, rt.is_main, self.sd_pipeline, {"unet": self.unet}, self.args.save_consolidated)
         if not rt.is_main:
             return []
-        pipe = self.sd_pipeline(unet=unet)
-        pipe.save_pretrained(folder, safe_serialization=True)
         files = sorted(os.listdir(folder))
         self.training_info(folder, "pipeline", files)
         return files

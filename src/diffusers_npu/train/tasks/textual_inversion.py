@@ -257,9 +257,9 @@ class TextualInversionTask(DiffusionTask):
     def save_final(self, folder: str) -> List[str]:
         files = self.save_trained(folder)
         if self.args.save_as_full_pipeline:
-            te = weights.full_copy(self.text_encoder, self.rt.is_main)
+            weights.save_pipeline(folder, self.rt.is_main, self.sd_pipeline, {"text_encoder": self.text_encoder},
+                                  self.args.save_consolidated)
             if self.rt.is_main:
-                self.sd_pipeline(text_encoder=te).save_pretrained(folder, safe_serialization=True)
                 files = sorted(os.listdir(folder))
         if self.rt.is_main:
             self.training_info(folder, "pipeline" if self.args.save_as_full_pipeline else "textual_inversion", files,

@@ -224,8 +224,10 @@ class Engine:
             kwargs["deepspeed_plugin"] = plugin = _deepspeed_plugin(args)
             kwargs["mixed_precision"] = args.mixed_precision  # DeepSpeed owns precision
         elif self.kind == "ddp":
-            # Every trainable parameter takes part in every step; the default (False) keeps DDP cheap.
-            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+            # Every trainable parameter takes part in every step, unless the module says otherwise (SDXL's text
+            # encoder LoRA); the default (False) keeps DDP cheap.
+            unused = bool(getattr(module, "has_unused_parameters", False))
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
         trackers = None if args.report_to in ("none", "") else args.report_to
         reset_process_state()
         try:

@@ -128,6 +128,12 @@ class SDXLModule(SDModule):
     def trains_text(self) -> bool:
         return "text_encoder" in self._modules or "text_encoder_2" in self._modules
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        """SDXL reads the first text encoder's penultimate hidden states: the adapters of its last layer never
+        get a gradient, which DDP must be told (Engine.make_accelerator)."""
+        return "text_encoder" in self._modules
+
     def prompt(self, batch, prefix: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds, pooled_prompt_embeds) of the batch: cached/precomputed, or encoded now (with
         gradients into trained encoders)."""

@@ -190,8 +190,6 @@ def test_preemption_of_two_processes_through_the_launcher_exits_0(tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="open (issues #19 / #23): since the engine rework was merged, the survivors of a SIGKILLed "
-                         "rank on the other simulated node wait in a collective instead of reporting the lost peer")
 def test_two_simulated_nodes_report_a_lost_rank(tmp_path, embedded_paths):
     lost = tmp_path / "lost"
     host = socket.gethostname()

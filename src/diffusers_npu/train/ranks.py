@@ -232,7 +232,7 @@ def gone_peers(output_dir: str) -> List[str]:
 
 def peer_lost_message(output_dir: str, exc: BaseException) -> str:
     """The one line (without ``error:``) a surviving rank prints instead of the backend's traceback."""
-    from ..checkpoint import resolve_resume
+    from ..checkpoint import list_checkpoints
 
     gone = gone_peers(output_dir)
     if gone:
@@ -240,10 +240,10 @@ def peer_lost_message(output_dir: str, exc: BaseException) -> str:
     else:
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         who = f"a peer rank left or stopped answering (a rank on another node, or stuck; the backend said: {text})"
-    try:
-        latest = resolve_resume("latest", output_dir)
-    except Exception:  # a damaged newest checkpoint: resolve_resume names it when the rerun reaches it
-        latest = None
+    # No collective here (the peers are gone or stuck in another one) and nothing renamed (every survivor runs
+    # this at once): the newest checkpoint whose COMPLETE marker exists; the rerun's resume verifies it.
+    done = list_checkpoints(output_dir)
+    latest = done[-1][1] if done else None
     if latest:
         then = (f"the last complete checkpoint is {latest}: rerun the same command (with "
                 f"--resume_from_checkpoint latest) to continue from it")

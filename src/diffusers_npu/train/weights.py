@@ -5,7 +5,8 @@ parameter is a ``DTensor`` sharded on dim 0; under DeepSpeed ZeRO-3 a parameter 
 partition lives in ``param.ds_tensor``. For both, nothing here gathers the whole model on one rank:
 
 * :func:`save_pretrained` writes diffusers' *sharded* layout (``diffusion_pytorch_model-0000r-of-0000W``
-  files plus ``diffusion_pytorch_model.safetensors.index.json``): tensor ``i`` belongs to rank ``i % W``;
+  files plus ``diffusion_pytorch_model.safetensors.index.json``): each tensor belongs to the rank that owns the
+  fewest bytes so far (:func:`_owners`);
   the tensors are gathered one at a time (FSDP: ``DTensor.full_tensor``; ZeRO-3: DeepSpeed's public
   ``deepspeed.zero.GatheredParameters`` on that one parameter), so a rank holds its own tensors plus at most
   one more, and each rank writes the tensors it owns. ``from_pretrained`` reads the result like any sharded
@@ -145,14 +146,15 @@ def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str,
     os.makedirs(folder, exist_ok=True)
     stem, ext = os.path.splitext(weights_name)
     files = [f"{stem}-{r + 1:05d}-of-{world:05d}{ext}" for r in range(world)]
+    owners = _owners(sd, zero3, world)
     mine, weight_map, total = {}, {}, 0
-    for i, (name, t) in enumerate(sd.items()):
+    for name, t in sd.items():
         value = whole(name, t, zero3)  # collective: every rank, every tensor, same order
-        owner = i % world
+        owner = owners[name]
         weight_map[name] = files[owner]
         total += value.numel() * value.element_size()
         if owner == rank:
-            mine[name] = value.detach().cpu().clone()
+            mine[name] = value.detach().cpu() if _fresh(value, t) else value.detach().cpu().clone()
         del value
     save_state_dict(mine, os.path.join(folder, files[rank]), metadata={"format": "pt"})
     if is_main:
@@ -160,6 +162,33 @@ def save_pretrained(model, folder: str, is_main: bool, state: Optional[Dict[str,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         with open(os.path.join(folder, weights_name + INDEX_SUFFIX), "w") as f:
             json.dump(index, f, indent=1)
+
+
+def _fresh(value: torch.Tensor, held: torch.Tensor) -> bool:
+    """``value`` (a gathered tensor) has storage of its own, exactly its size: keep it rather than copy it (a
+    copy would briefly hold the tensor twice)."""
+    storage = value.untyped_storage()
+    return (storage.data_ptr() != local_tensor(held).untyped_storage().data_ptr()
+            and storage.nbytes() == value.numel() * value.element_size())
+
+
+def _owners(sd: Dict[str, torch.Tensor], zero3: Dict[str, torch.nn.Parameter], world: int) -> Dict[str, int]:
+    """Which rank writes each tensor: largest first, each to the rank with the fewest bytes so far (the same on
+    every rank, from the global shapes alone), so the ranks' shares differ by little more than the smallest
+    tensors. (Round-robin by position would give one rank every weight and the other every bias.)"""
+    sizes = {}
+    for name, t in sd.items():
+        shape = tuple(zero3[name].ds_shape) if name in zero3 else tuple(t.shape)
+        size = t.element_size()
+        for d in shape:
+            size *= d
+        sizes[name] = size
+    load, owners = [0] * world, {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # stable: ties keep state-dict order
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[name] = r
+        load[r] += sizes[name]
+    return owners
 
 
 def _weight_files(folder: str, weights_name: str = SAFE_WEIGHTS) -> Tuple[Dict[str, str], bool]:

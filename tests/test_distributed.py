@@ -66,6 +66,17 @@ def _update(out, base):
     return torch.cat([(a[k] - b[k]).flatten() for k in b])
 
 
+def assert_same_update(multi, one, base, sub="unet", tol=1e-3):
+    """The saved model of a multi-process run moved from ``base`` by the same update as the one-process run
+    (within ``tol`` of the largest update), and it moved at all."""
+    b, m, o = weights(base, sub), weights(multi, sub), weights(one, sub)
+    d_one = torch.cat([(o[k].double() - b[k].double()).flatten() for k in b])
+    d_multi = torch.cat([(m[k].double() - b[k].double()).flatten() for k in b])
+    assert d_one.abs().max() > 0 and d_multi.abs().max() > 0, "nothing trained"
+    err = float((d_multi - d_one).abs().max() / d_one.abs().max())
+    assert err <= tol, f"{multi}: the update differs from one process by {err:.2e} of the largest update"
+
+
 MATRIX = {"ddp": ["--distributed", "ddp"], "fsdp": ["--distributed", "fsdp"],
           "zero2": ["--distributed", "deepspeed", "--zero_stage", "2"],
           "zero3": ["--distributed", "deepspeed", "--zero_stage", "3"]}

@@ -169,7 +169,7 @@ def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, tmp
 def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_model, tmp_path):
     """One torchrun (2 CPU processes, gloo): full fine-tuning under FSDP (its default) straight vs pre-empted at
     step 2 and resumed -- the same bits; DreamBooth-LoRA under DDP (its default); both ranks agree."""
-    from test_distributed import _assert_ranks_agree, _job, _torchrun
+    from test_distributed import COMPARE, _assert_ranks_agree, _job, _torchrun, assert_same_update
 
     model, data = flux_model
     common = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt",
@@ -178,7 +178,8 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
     jobs = [_job("straight", "dreambooth_flux", tmp_path / "straight", 4, *common),
             _job("preempted", "dreambooth_flux", tmp_path / "split", 4, *common, sigterm_at=2),
             _job("resumed", "dreambooth_flux", tmp_path / "split", 4, *common),
-            _job("lora", "dreambooth_lora_flux", tmp_path / "lora", 2, *common)]
+            _job("lora", "dreambooth_lora_flux", tmp_path / "lora", 2, *common),
+            _job("compare", "dreambooth_flux", tmp_path / "compare", 1, *common, *COMPARE)]
     import socket
 
     with socket.socket() as sock:  # a free port: other test runs on this machine use the fixed ones
@@ -186,7 +187,12 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
         port = sock.getsockname()[1]
     results, _ = _torchrun(tmp_path, jobs, port)
     # full fine-tuning runs under FSDP by default: each rank holds its own shard (the saved models are compared)
-    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed"})
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "compare"})
+    # one optimizer step under FSDP on 2 processes = one process with the same global batch (4)
+    from trainkit import train
+
+    train("dreambooth_flux", tmp_path / "one", *common, *COMPARE, steps=1, batch=4)
+    assert_same_update(tmp_path / "compare", tmp_path / "one", model, "transformer")
     import json
 
     split = json.load(open(tmp_path / "split" / "train_summary.json"))

@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, tiny, instance
 # ------------------------------------------------------------------------------------- two processes (CPU)
 @pytest.mark.slow
 def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path, tiny, instance_dir):
-    from test_distributed import RESUMABLE, _assert_ranks_agree, _job, _torchrun
+    from test_distributed import COMPARE, RESUMABLE, _assert_ranks_agree, _job, _torchrun, assert_same_update
 
     base = ["--pretrained_model_name_or_path", tiny["sd3"], "--instance_data_dir", instance_dir, *TINY]
     fsdp = ["--distributed", "fsdp"]
@@ -214,9 +214,13 @@ def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path
             _job("resumed", "dreambooth_sd3", tmp_path / "split", 3, *base, *RESUMABLE, *fsdp, batch=1),
             _job("lora_ddp", "dreambooth_lora_sd3", tmp_path / "lora", 2, *base, "--train_text_encoder",
                  "--distributed", "ddp", batch=1),
-            _job("lora_fsdp", "dreambooth_lora_sd3", tmp_path / "lora_fsdp", 2, *base, *fsdp, batch=1)]
+            _job("lora_fsdp", "dreambooth_lora_sd3", tmp_path / "lora_fsdp", 2, *base, *fsdp, batch=1),
+            _job("compare", "dreambooth_sd3", tmp_path / "compare", 1, *base, *COMPARE, *fsdp, batch=1)]
     results, _ = _torchrun(tmp_path, jobs, 29631)
-    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "lora_fsdp"})  # FSDP: own shards
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "lora_fsdp", "compare"})
+    # one optimizer step under FSDP on 2 processes = one process with the same global batch (2)
+    train("dreambooth_sd3", tmp_path / "one", *base, *COMPARE, steps=1, batch=2)
+    assert_same_update(tmp_path / "compare", tmp_path / "one", tiny["sd3"], "transformer")
     split = json.load(open(tmp_path / "split" / "train_summary.json"))
     assert [p["exit_reason"] for p in split["parts"]] == ["preempted", "completed"]
     assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))

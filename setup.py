@@ -31,7 +31,8 @@ setup(
         "lora": ["peft>=0.10"],
         "8bit": ["bitsandbytes"],
         "deepspeed": ["deepspeed"],
-        "test": ["pytest>=7", "peft>=0.10"],
+        "prodigy": ["prodigyopt"],
+        "test": ["pytest>=7", "peft>=0.10", "prodigyopt"],
     },
     entry_points={"console_scripts": ["diffusers-npu=diffusers_npu.cli:main"]},
 )

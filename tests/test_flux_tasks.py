@@ -143,9 +143,8 @@ def _readme_commands():
 
 @pytest.mark.parametrize("script, cmd", _readme_commands())
 def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, tmp_path, capsys, monkeypatch):
-    """Upstream's README commands, on the tiny FLUX model (32 px, 2 steps): they ask for the Prodigy optimizer,
-    which is refused by name; with AdamW instead they train, keep the output and say in one line what was not
-    pushed to the (offline) Hub."""
+    """Upstream's README commands, unchanged (Prodigy included), on the tiny FLUX model (32 px, 2 steps): they
+    train, keep the output and say in one line what was not pushed to the (offline) Hub."""
     model, data = flux_model
     monkeypatch.chdir(tmp_path)
     subst = {"{MODEL}": model, "{INSTANCE_DIR}": data, "{OUTPUT_DIR}": str(tmp_path / "out")}
@@ -156,10 +155,8 @@ def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, tmp
         argv.append(tok)
     tiny = ["--resolution", "32", "--max_train_steps", "2", "--report_to", "none", "--max_sequence_length", "16",
             "--disable_progress_bar", "--num_validation_images", "1", "--validation_inference_steps", "2"]
+    assert any(t.lower() == "--optimizer=prodigy" for t in argv), argv
     rc, _, err = main_rc(SCRIPTS[script], argv + tiny, capsys)
-    assert rc == 2 and "prodigy" in err.lower(), err
-    argv = [t for t in argv if not t.startswith(("--optimizer=", "--learning_rate="))]
-    rc, _, err = main_rc(SCRIPTS[script], argv + tiny + ["--optimizer", "adamw", "--learning_rate", "1e-4"], capsys)
     assert rc == 2 and "--push_to_hub: the Hugging Face Hub cannot be reached" in err, err
     assert os.path.isfile(tmp_path / "out" / "training_info.json") or \
         os.path.isfile(tmp_path / "out" / "model_index.json")

@@ -579,3 +579,27 @@ def test_npu_fsdp_dtensor_parameters(monkeypatch, process_group):
         r.grad = torch.full(r.shape, 0.5, dtype=torch.float64)
     torch.optim.AdamW(ref, lr=LR, weight_decay=WD, foreach=False).step()
     assert max(rel(p.detach().full_tensor(), r.detach()) for p, r in zip(params, ref)) < 1e-6
+
+
+def test_prodigy_is_upstream_prodigyopt_with_its_options_and_refused_on_sharded_engines(monkeypatch):
+    """--optimizer prodigy (upstream's DreamBooth READMEs): prodigyopt's Prodigy with the --prodigy_* options;
+    one UsageError line under FSDP / DeepSpeed, whose shards cannot give its whole-parameter sums."""
+    pytest.importorskip("prodigyopt", reason="installed by the test extra")
+    from prodigyopt import Prodigy
+
+    from diffusers_npu.errors import UsageError
+    from diffusers_npu.train.engine import Engine
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = build_optimizer("prodigy", [p], lr=1.0, weight_decay=0.0,
+                          prodigy={"beta3": None, "decouple": True, "use_bias_correction": False, "safeguard_warmup": True})
+    assert type(opt) is Prodigy and opt.defaults["safeguard_warmup"] is True and opt.defaults["beta3"] is None
+    p.grad = torch.ones(4)
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(4))  # it stepped
+    args = type("A", (), {"optimizer": "prodigy", "distributed": "fsdp", "max_bad_steps": 0, "use_ema": False})()
+    engine = Engine.__new__(Engine)
+    engine.kind = "fsdp"
+    with pytest.raises(UsageError, match=r"^--optimizer prodigy is not available with --distributed fsdp: .*"
+                                         r"use --distributed ddp \(or one process\)"):
+        engine.check_args(args)

@@ -10,6 +10,8 @@
 * ``megatron_adamw`` -- :class:`MegatronAdamW`: the per-parameter ``torch_npu.npu_apply_adam_w`` kernel
   (what Ascend's Megatron fork uses) on NPU, the same decoupled-weight-decay update in torch ops elsewhere.
 * ``adamw_8bit``     -- ``bitsandbytes.optim.AdamW8bit`` (optional dependency).
+* ``prodigy``        -- ``prodigyopt.Prodigy`` (optional dependency), upstream's choice in the SD3 / FLUX / SDXL
+  DreamBooth READMEs; its options come in ``prodigy`` (beta3, decouple, use_bias_correction, safeguard_warmup).
 
 NPU paths are chosen from the *parameters'* device type (via ``diffusers_npu.device.tensor_device_type``,
 the test seam), never from a global setting, and torch_npu is only reached through
@@ -29,7 +31,7 @@ import torch
 from . import device as _device
 
 
-OPTIMIZER_NAMES = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
+OPTIMIZER_NAMES = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit", "prodigy")
 # The parallel engines an optimizer is built for (the engine object of train/ passes its name).
 ENGINES = ("none", "ddp", "fsdp", "zero2", "zero3")
 
@@ -207,6 +209,7 @@ def build_optimizer(
     weight_decay: float = 1e-2,
     grad_scaling: bool = False,
     engine: str = "none",
+    prodigy: Optional[dict] = None,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` (one of ``OPTIMIZER_NAMES``) over ``params`` (tensors or param groups), valid
     for the parallel ``engine`` (one of ``ENGINES``) that will step it.
@@ -266,6 +269,15 @@ def build_optimizer(
 
     if key == "megatron_adamw":
         return MegatronAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    if key == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ImportError("Optimizer 'prodigy' needs prodigyopt, which is not installed: pip install prodigyopt "
+                              "(or, from the checkout, pip install -e \".[prodigy]\").") from exc
+        options = {k: v for k, v in (prodigy or {}).items() if v is not None}
+        return Prodigy(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
 
     # adamw_8bit
     try:

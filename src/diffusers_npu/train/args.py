@@ -19,7 +19,7 @@ from ..cliutil import (ArgumentParser, multiple_of_8, nonneg_float, nonneg_int, 
 from .ranks import DEFAULT_TIMEOUT_S
 
 DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
-OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit")
+OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw", "adamw_8bit", "prodigy")
 
 
 # Value types: the project's one set (cliutil), so every entry point words a bad number the same way.
@@ -151,7 +151,9 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, type=str.lower,
-                   help="optimizer (any case: upstream's 'AdamW' works); default fused_adamw on NPU/CUDA, adamw on CPU")
+                   help="optimizer (any case: upstream's 'AdamW' works); default fused_adamw on NPU/CUDA, adamw on CPU. "
+                        "prodigy (upstream's DreamBooth READMEs; needs prodigyopt, set --learning_rate 1.0) runs "
+                        "with one process or --distributed ddp")
     _switch(g, "--use_megatron_npu_adamW", "original port flag: same as --optimizer megatron_adamw")
     _switch(g, "--use_npu_fuse_adamW", "original port flag: same as --optimizer fused_adamw")
     _switch(g, "--use_8bit_adam", "upstream flag: same as --optimizer adamw_8bit (needs bitsandbytes)")

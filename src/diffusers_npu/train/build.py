@@ -149,13 +149,21 @@ def optimizer_and_schedule(t, module) -> None:
     groups = t.task.optimizer_groups(params)
     if groups:  # e.g. the text encoders' own learning rate; --scale_lr scales every group alike
         params = [dict(g, lr=g["lr"] * scale) if "lr" in g else g for g in groups]
+        if a.optimizer == "prodigy":  # Prodigy adapts one step size: one learning rate for all groups, as upstream
+            others = sorted({g["lr"] for g in params if "lr" in g and g["lr"] != lr})
+            if others:
+                logger.warning("--optimizer prodigy uses --learning_rate %g for every parameter group (as upstream); "
+                               "the groups' own rates %s are not used", lr, others)
+            params = [dict(g, lr=lr) for g in params]
     # With an fp16 GradScaler the optimizer must take the scaler's found_inf on the device, or every
     # scaler.step would wait for the host (see optim.supports_sync_free_amp).
     try:
         t.optimizer = build_optimizer(a.optimizer, params, lr=lr, betas=(a.adam_beta1, a.adam_beta2),
                                       eps=a.adam_epsilon, weight_decay=a.adam_weight_decay,
-                                      grad_scaling=t.precision.scaler is not None, engine=t.engine.kind)
-    except ImportError as e:  # adamw_8bit without bitsandbytes
+                                      grad_scaling=t.precision.scaler is not None, engine=t.engine.kind,
+                                      prodigy={k: getattr(a, f"prodigy_{k}", None) for k in
+                                               ("beta3", "decouple", "use_bias_correction", "safeguard_warmup")})
+    except ImportError as e:  # adamw_8bit without bitsandbytes, prodigy without prodigyopt
         flag = "--use_8bit_adam" if a.use_8bit_adam else f"--optimizer {a.optimizer}"
         raise UsageError(f"{flag}: {e}") from None
     try:

@@ -207,6 +207,10 @@ class Engine:
             raise UsageError("--max_bad_steps is not available with --distributed deepspeed (DeepSpeed takes the "
                              "optimizer step inside its backward, before a step could be skipped; its fp16 loss "
                              "scaling skips overflowed steps itself); use --distributed ddp or fsdp")
+        if getattr(args, "optimizer", None) == "prodigy" and (self.is_sharded or self.is_deepspeed):
+            raise UsageError(f"--optimizer prodigy is not available with --distributed {args.distributed}: Prodigy "
+                             f"estimates its step size from sums over whole parameters, which a shard does not "
+                             f"hold; use --distributed ddp (or one process), or --optimizer adamw")
         if self.kind == "zero3" and args.use_ema:
             raise UsageError("--use_ema is not available with --distributed deepspeed --zero_stage 3 (the weights "
                              "are partitioned placeholders outside the forward); use --zero_stage 2 or fsdp")

@@ -35,7 +35,8 @@ from ..errors import UsageError
 #: fraction of the device the counted bytes may take; the rest is for activations and the allocator
 HEADROOM = 0.9
 GB = 1e9
-_OPTIMIZER_BYTES = {"adamw": 8, "fused_adamw": 8, "megatron_adamw": 8, "adamw_8bit": 2}
+_OPTIMIZER_BYTES = {"adamw": 8, "fused_adamw": 8, "megatron_adamw": 8, "adamw_8bit": 2,
+                    "prodigy": 16}  # Prodigy: exp_avg, exp_avg_sq, s and p0 in fp32
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ class DreamBoothLoraFluxTask(DreamBoothFluxTask):
     example = "examples/dreambooth/train_dreambooth_lora_flux.py"
     defaults = dict(DreamBoothFluxTask.defaults, output_dir="flux-dreambooth-lora", distributed="ddp")
     uses_lora = True
-    # upstream's README LoRA settings at 512 px (with AdamW: Prodigy is not offered); adapters replicate on DDP
+    # upstream's README LoRA settings at 512 px, with AdamW at 1e-4 (upstream's README picks Prodigy, which
+    # --optimizer=prodigy gives); adapters replicate on DDP
     launch = LaunchProfile(
         network="FLUX1_dreambooth_lora", distributed="ddp",
         pretrained={"resolution": 512, "train_batch_size": 1, "gradient_accumulation_steps": 4,

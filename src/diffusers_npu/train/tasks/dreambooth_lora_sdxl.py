@@ -28,6 +28,16 @@ logger = logging.getLogger(__name__)
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
+def add_prodigy_arguments(add) -> None:
+    """Upstream's Prodigy options (type=bool, default True: a value follows the flag), read by --optimizer prodigy."""
+    for flag, text in (("--prodigy_beta3", "Prodigy's beta3 (default: the square root of beta2)"),
+                       ("--prodigy_decouple", "Prodigy's decoupled weight decay (AdamW style)"),
+                       ("--prodigy_use_bias_correction", "Prodigy's bias correction"),
+                       ("--prodigy_safeguard_warmup", "Prodigy's safeguard during the warm-up")):
+        kind = dict(type=float, default=None) if flag == "--prodigy_beta3" else dict(type=_bool, default=True)
+        add(flag, help=f"{text}; read only by --optimizer prodigy", **kind)
+
+
 def _bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("true", "1", "yes", "on"):
@@ -108,13 +118,7 @@ class DreamBoothLoraSDXLTask(SDXLTask, DreamBoothTask):
             help="also write the LoRA in kohya's layout (pytorch_lora_weights_kohya.safetensors) for WebUI tools")
         add("--do_edm_style_training", action="store_true",
             help="upstream flag (EDM-style training for EDM-scheduler models such as Playground v2.5): refused")
-        for flag, text in (("--prodigy_beta3", "Prodigy's beta3"), ("--prodigy_decouple", "Prodigy decoupled decay"),
-                           ("--prodigy_use_bias_correction", "Prodigy bias correction"),
-                           ("--prodigy_safeguard_warmup", "Prodigy safeguard warm-up")):
-            # upstream: type=bool, default True (a value follows the flag)
-            kind = dict(type=float, default=None) if flag == "--prodigy_beta3" else dict(type=_bool, default=True)
-            add(flag, help=f"{text}: read only by the Prodigy optimizer, which --optimizer does not offer here",
-                **kind)
+        add_prodigy_arguments(add)
 
     @classmethod
     def resolve_args(cls, a) -> None:

@@ -24,7 +24,7 @@ from ..registry import LaunchProfile, register_task
 from ..sd import load_unet_like, save_unet_like
 from . import lora
 from .dreambooth import DreamBoothTask
-from .dreambooth_lora_sdxl import _bool
+from .dreambooth_lora_sdxl import add_prodigy_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,7 @@ def add_dreambooth_sd3_arguments(parser, lora_script: bool) -> None:
     g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="learning rate of the trained text encoders")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3,
                    help="weight decay of the trained text encoders")
-    for flag, text in (("--prodigy_beta3", "Prodigy's beta3"), ("--prodigy_decouple", "Prodigy decoupled decay"),
-                       ("--prodigy_use_bias_correction", "Prodigy bias correction"),
-                       ("--prodigy_safeguard_warmup", "Prodigy safeguard warm-up")):
-        kind = dict(type=float, default=None) if flag == "--prodigy_beta3" else dict(type=_bool, default=True)
-        g.add_argument(flag, help=f"{text}: read only by the Prodigy optimizer, which --optimizer does not offer "
-                                  f"here", **kind)
+    add_prodigy_arguments(g.add_argument)
     add_dit_arguments(parser)
     if lora_script:
         lg = parser.add_argument_group("LoRA (upstream flags)")

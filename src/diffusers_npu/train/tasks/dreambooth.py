@@ -29,6 +29,24 @@ logger = logging.getLogger(__name__)
 NUM_DEFAULT_INSTANCES = 5
 
 
+def add_prior_preservation_arguments(g, class_inference_steps: int, steps_note: str = "") -> None:
+    """Upstream's prior-preservation flags (every DreamBooth script has them, with its pipeline's step default)."""
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="add the prior-preservation loss on generated class images")
+    g.add_argument("--class_data_dir", default=None, metavar="FOLDER",
+                   help="folder of class images (missing ones are generated); default <output_dir>/class_images")
+    g.add_argument("--class_prompt", default=None,
+                   help="prompt of the class; default: --instance_prompt without the identifier 'sks'")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="class images wanted; only the shortfall in --class_data_dir is generated")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class image generation")
+    g.add_argument("--class_inference_steps", type=int, default=class_inference_steps,
+                   help="denoising steps for generating class images" + steps_note)
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="precision of class image generation; default: the training precision")
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images with one prompt; with prior preservation each sample also carries a class image. Every
     image comes with the SDXL micro-conditioning of its real crop (``original_size``, ``crop_top_left``,
@@ -136,20 +154,7 @@ class DreamBoothTask(DiffusionTask):
         g.add_argument("--instance_prompt", default="a photo of sks digit",
                        help="prompt with the identifier that names the subject")
         add_data_label_argument(g)
-        g.add_argument("--with_prior_preservation", action="store_true",
-                       help="add the prior-preservation loss on generated class images")
-        g.add_argument("--class_data_dir", default=None, metavar="FOLDER",
-                       help="folder of class images (missing ones are generated); default <output_dir>/class_images")
-        g.add_argument("--class_prompt", default=None,
-                       help="prompt of the class; default: --instance_prompt without the identifier 'sks'")
-        g.add_argument("--num_class_images", type=int, default=100,
-                       help="class images wanted; only the shortfall in --class_data_dir is generated")
-        g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-        g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class image generation")
-        g.add_argument("--class_inference_steps", type=int, default=50,
-                       help="denoising steps for generating class images")
-        g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
-                       help="precision of class image generation; default: the training precision")
+        add_prior_preservation_arguments(g, class_inference_steps=50)
         g.add_argument("--train_text_encoder", action="store_true",
                        help="train the text encoder too (with --use_lora: LoRA on its attention)")
         g.add_argument("--offset_noise", action="store_true",

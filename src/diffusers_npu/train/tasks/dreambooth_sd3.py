@@ -23,7 +23,7 @@ from ..dit import SD3, DiTModule, DiTTask, add_dit_arguments
 from ..registry import LaunchProfile, register_task
 from ..sd import load_unet_like, save_unet_like
 from . import lora
-from .dreambooth import DreamBoothTask
+from .dreambooth import DreamBoothTask, add_prior_preservation_arguments
 from .dreambooth_lora_sdxl import add_prodigy_arguments
 
 logger = logging.getLogger(__name__)
@@ -86,20 +86,7 @@ def add_dreambooth_sd3_arguments(parser, lora_script: bool) -> None:
     g.add_argument("--instance_prompt", default="a photo of sks digit",
                    help="prompt with the identifier that names the subject (used for images without a caption)")
     g.add_argument("--repeats", type=int, default=1, help="how many times each instance image is repeated per epoch")
-    g.add_argument("--with_prior_preservation", action="store_true",
-                   help="add the prior-preservation loss on generated class images")
-    g.add_argument("--class_data_dir", default=None, metavar="FOLDER",
-                   help="folder of class images (missing ones are generated); default <output_dir>/class_images")
-    g.add_argument("--class_prompt", default=None,
-                   help="prompt of the class; default: --instance_prompt without the identifier 'sks'")
-    g.add_argument("--num_class_images", type=int, default=100,
-                   help="class images wanted; only the shortfall in --class_data_dir is generated")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class image generation")
-    g.add_argument("--class_inference_steps", type=int, default=28,
-                   help="denoising steps for generating class images (the SD3 pipeline's default)")
-    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
-                   help="precision of class image generation; default: the training precision")
+    add_prior_preservation_arguments(g, class_inference_steps=28, steps_note=" (the SD3 pipeline's default)")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="train both CLIP text encoders too (LoRA in the LoRA script, full weights in the full one); "
                         "T5 stays frozen, as upstream")

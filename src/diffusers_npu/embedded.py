@@ -168,41 +168,63 @@ def write_vae_asset(vae, mse: float) -> str:
     return VAE_ASSET
 
 
-def prepare(force: bool = False, progress: bool = True, refit_vae: bool = False, write_asset: bool = False) -> dict:
-    """Make (once) and return the paths of the embedded model and data set."""
-    root = os.path.join(home(), f"embedded-v{EMBEDDED_VERSION}")
-    model_dir = os.path.join(root, "digits-sd")
-    data_dir = os.path.join(root, "digits-dataset")
+def vae_weights(vae, progress: bool = True, refit: bool = False) -> tuple:
+    """Put the fitted digits VAE into ``vae``: the shipped asset, or (without it, or with ``refit``) fitted here.
+    Returns (where the weights came from, the fit's final MSE or None)."""
+    if not refit and load_vae_asset(vae):
+        return "asset", None
+    logger.info("fitting the embedded VAE on the digits (about 5 minutes on 2 CPU cores)")
+    _, mse, _ = fit_vae(vae, progress=progress)
+    return f"fitted here (mse {mse:.4f})", mse
+
+
+def write_model_folder(folder: str, fill) -> str:
+    """Write an embedded model folder so that it appears only complete: ``fill(tmp)`` writes the pipeline into
+    the temp folder (a tokenizer scratch folder ``tmp/_tok`` is removed) and returns its ``EMBEDDED.json``
+    record, to which the seed and torch's thread count are added."""
+    import torch
+
+    from .fsutil import write_json_atomic
+
+    tmp = _atomic_folder(folder)
+    try:
+        record = fill(tmp)
+        shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
+        write_json_atomic(os.path.join(tmp, "EMBEDDED.json"),
+                          dict(record, seed=0, torch_threads=torch.get_num_threads()))
+        _commit(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def prepare_with(model_dir: str, write_model, force: bool = False) -> dict:
+    """The digits data set next to ``model_dir`` and the model, each made once (``write_model(folder)``)."""
+    data_dir = os.path.join(os.path.dirname(model_dir), "digits-dataset")
     if force or not os.path.exists(os.path.join(data_dir, "data", "train-0001.parquet")):
         write_digits_dataset(data_dir)
     if force or not os.path.exists(os.path.join(model_dir, "model_index.json")):
-        import torch
+        write_model(model_dir)
+    return {"model": model_dir, "dataset": data_dir}
 
+
+def prepare(force: bool = False, progress: bool = True, refit_vae: bool = False, write_asset: bool = False) -> dict:
+    """Make (once) and return the paths of the embedded model and data set."""
+
+    def fill(tmp):
         from .presets import build_components, save_pipeline_folder
 
-        threads = torch.get_num_threads()
-        tmp = _atomic_folder(model_dir)
-        try:
-            comps = build_components("digits", seed=0, tokenizer_dir=os.path.join(tmp, "_tok"))
-            vae_from = "asset"
-            if refit_vae or not load_vae_asset(comps["vae"]):
-                logger.info("fitting the embedded VAE on the digits (about 5 minutes on 2 CPU cores)")
-                _, mse, _ = fit_vae(comps["vae"], progress=progress)
-                vae_from = f"fitted here (mse {mse:.4f})"
-                comps["final_mse"] = mse
-            save_pipeline_folder(comps, tmp)
-            shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
-            with open(os.path.join(tmp, "EMBEDDED.json"), "w") as f:
-                json.dump({"recipe": "diffusers_npu.embedded.prepare", "version": EMBEDDED_VERSION,
-                           "preset": "digits", "seed": 0, "torch_threads": threads, "vae": vae_from}, f,
-                          indent=1)
-            if refit_vae and write_asset:
-                write_vae_asset(comps["vae"], comps["final_mse"])
-            _commit(tmp, model_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return {"model": model_dir, "dataset": data_dir}
+        comps = build_components("digits", seed=0, tokenizer_dir=os.path.join(tmp, "_tok"))
+        vae_from, mse = vae_weights(comps["vae"], progress, refit=refit_vae)
+        save_pipeline_folder(comps, tmp)
+        if refit_vae and write_asset:
+            write_vae_asset(comps["vae"], mse)
+        return {"recipe": "diffusers_npu.embedded.prepare", "version": EMBEDDED_VERSION, "preset": "digits",
+                "vae": vae_from}
+
+    root = os.path.join(home(), f"embedded-v{EMBEDDED_VERSION}")
+    return prepare_with(os.path.join(root, "digits-sd"), lambda folder: write_model_folder(folder, fill), force)
 
 
 # ------------------------------------------------------------------------------------------------ learning check

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 from . import embedded
 
@@ -45,12 +44,7 @@ def paths() -> dict:
 
 def prepare(force: bool = False, progress: bool = True) -> dict:
     """Make (once) and return ``{'model': folder, 'dataset': folder}`` of the embedded SD3 default."""
-    where = paths()
-    if force or not os.path.exists(os.path.join(where["dataset"], "data", "train-0001.parquet")):
-        embedded.write_digits_dataset(where["dataset"])
-    if force or not os.path.exists(os.path.join(where["model"], "model_index.json")):
-        write_model(where["model"], progress=progress)
-    return where
+    return embedded.prepare_with(paths()["model"], lambda folder: write_model(folder, progress), force)
 
 
 def build_pipeline(progress: bool = False, tokenizer_dir: str = None):
@@ -74,11 +68,7 @@ def build_pipeline(progress: bool = False, tokenizer_dir: str = None):
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **T5))
     transformer = SD3Transformer2DModel(**TRANSFORMER)
     vae = AutoencoderKL(**get_preset("digits").vae, shift_factor=0.0)
-    vae_from = "asset"
-    if not embedded.load_vae_asset(vae):  # a source checkout without the asset: fit it here
-        logger.info("fitting the embedded VAE on the digits (about 5 minutes on 2 CPU cores)")
-        _, mse, _ = embedded.fit_vae(vae, progress=progress)
-        vae_from = f"fitted here (mse {mse:.4f})"
+    vae_from, _ = embedded.vae_weights(vae, progress)
     with torch.no_grad():
         for te in (te1, te2):
             te.get_input_embeddings().weight.mul_(TOKEN_EMBEDDING_SCALE)
@@ -89,23 +79,12 @@ def build_pipeline(progress: bool = False, tokenizer_dir: str = None):
 
 
 def write_model(folder: str, progress: bool = True) -> str:
-    import torch
-
-    from .fsutil import write_json_atomic
-
-    tmp = embedded._atomic_folder(folder)
-    try:
+    def fill(tmp):
         pipe, vae_from = build_pipeline(progress, tokenizer_dir=os.path.join(tmp, "_tok"))
         pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
-        write_json_atomic(os.path.join(tmp, "EMBEDDED.json"),
-                          {"recipe": "diffusers_npu.embedded_sd3.prepare", "version": SD3_EMBEDDED_VERSION,
-                           "seed": 0, "torch_threads": torch.get_num_threads(), "vae": vae_from})
-        embedded._commit(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        return {"recipe": "diffusers_npu.embedded_sd3.prepare", "version": SD3_EMBEDDED_VERSION, "vae": vae_from}
+
+    return embedded.write_model_folder(folder, fill)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 from . import embedded
 
@@ -43,47 +42,31 @@ def paths() -> dict:
 
 def prepare(force: bool = False, progress: bool = True) -> dict:
     """Make (once) and return ``{'model': folder, 'dataset': folder}`` of the embedded SDXL default."""
-    where = paths()
-    model_dir, data_dir = where["model"], where["dataset"]
-    if force or not os.path.exists(os.path.join(data_dir, "data", "train-0001.parquet")):
-        embedded.write_digits_dataset(data_dir)
-    if force or not os.path.exists(os.path.join(model_dir, "model_index.json")):
-        write_model(model_dir, progress=progress)
-    return where
+    return embedded.prepare_with(paths()["model"], lambda folder: write_model(folder, progress), force)
 
 
 def write_model(folder: str, progress: bool = True) -> str:
-    import torch
+    def fill(tmp):
+        import torch
 
-    from .fsutil import write_json_atomic
-    from .presets import build_components, save_pipeline_folder
+        from .fsutil import write_json_atomic
+        from .presets import build_components, save_pipeline_folder
 
-    tmp = embedded._atomic_folder(folder)
-    try:
         comps = build_components(PRESET, seed=0, tokenizer_dir=os.path.join(tmp, "_tok"))
-        vae_from = "asset"
-        if not embedded.load_vae_asset(comps["vae"]):  # a source checkout without the asset: fit it here
-            logger.info("fitting the embedded VAE on the digits (about 5 minutes on 2 CPU cores)")
-            _, mse, _ = embedded.fit_vae(comps["vae"], progress=progress)
-            vae_from = f"fitted here (mse {mse:.4f})"
+        vae_from, _ = embedded.vae_weights(comps["vae"], progress)
         with torch.no_grad():
             for name in ("text_encoder", "text_encoder_2"):
                 comps[name].get_input_embeddings().weight.mul_(TOKEN_EMBEDDING_SCALE)
         save_pipeline_folder(comps, tmp)
-        shutil.rmtree(os.path.join(tmp, "_tok"), ignore_errors=True)
         index_path = os.path.join(tmp, "model_index.json")
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         index["force_zeros_for_empty_prompt"] = False
         write_json_atomic(index_path, index)
-        write_json_atomic(os.path.join(tmp, "EMBEDDED.json"),
-                          {"recipe": "diffusers_npu.embedded_sdxl.prepare", "version": SDXL_EMBEDDED_VERSION,
-                           "preset": PRESET, "seed": 0, "torch_threads": torch.get_num_threads(), "vae": vae_from})
-        embedded._commit(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        return {"recipe": "diffusers_npu.embedded_sdxl.prepare", "version": SDXL_EMBEDDED_VERSION, "preset": PRESET,
+                "vae": vae_from}
+
+    return embedded.write_model_folder(folder, fill)
 
 
 if __name__ == "__main__":

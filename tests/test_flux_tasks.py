@@ -253,6 +253,7 @@ def test_flux_scripts_take_upstreams_flags_and_defaults(script):
                                           and abs(ours - float(up["default"])) < 1e-12):
             differ.append((flag, up["default"], ours))
     assert differ == []
+    assert args.precondition_outputs == 0  # upstream's FLUX scripts target the velocity, never preconditioned
     if "--image_interpolation_mode" in spec:  # upstream's choices: torchvision's InterpolationMode names
         for mode in ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"):
             assert parse_args(cls, ["--image_interpolation_mode", mode]).image_interpolation_mode == mode

@@ -81,9 +81,10 @@ def _add_flux_arguments(parser, lora_script: bool) -> None:
                              "ignored by transformers without guidance_embeds)")
     # upstream: 77 T5 tokens in train_dreambooth_flux.py, 512 in train_dreambooth_lora_flux.py; uniform
     # timesteps and loss ("none", SD3's scripts use logit_normal); LoRA alpha 4 whatever the rank; 28 steps for
-    # class images (FluxPipeline's default)
+    # class images (FluxPipeline's default); the target is the velocity noise - latents (upstream's FLUX scripts
+    # have no --precondition_outputs, SD3's default to 1)
     parser.set_defaults(max_sequence_length=512 if lora_script else 77, weighting_scheme="none",
-                        class_inference_steps=28)
+                        class_inference_steps=28, precondition_outputs=0)
     if lora_script:
         parser.set_defaults(lora_alpha=4.0)
         for action in parser._actions:

@@ -159,7 +159,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                     f"    sys.exit(1)\nopen({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     stub.chmod(0o755)
     scripts = sorted(f for f in os.listdir(os.path.join(REPO, "test")) if f.startswith("train_"))
-    assert len(scripts) == 37  # the original port's 15, nine SDXL, nine SD3 and four FLUX ones
+    assert len(scripts) == 40  # the original port's 15, nine SDXL, nine SD3 and seven FLUX ones
     env = dict(os.environ, PYTHON=str(stub), ASCEND_DEVICE_ID="7")
     # a flag every task takes: the dry run validates the training flags as the run would
     quoted = "--extra_args=--validation_prompt=\"a photo of sks dog\""
@@ -173,7 +173,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
                            capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(calls) == 39
+    assert len(calls) == 42
     for call, name in zip(calls, scripts + ["train_full_8p_controlnet", "train_performance_8p_text_to_image_sd1-5_fp32"]):
         assert call[:3] == ["-m", "diffusers_npu.launch", f"--log_dir={REPO}/test/output/7"], call
         sdxl_task = "text_to_image_lora_sdxl" if "sdxl_lora" in name else "controlnet_sdxl" \
@@ -193,7 +193,7 @@ def test_launch_scripts_pass_quoted_values_and_their_settings_to_the_launcher(tm
     assert calls[-2][3:5] == ["controlnet", "--num_devices=8"]
     assert calls[-1][3:5] == ["text_to_image", "--variant=performance_8p_text_to_image_sd1-5_fp32"]
     # Each 8-device text-to-image script names its own row of the table.
-    assert sorted(c[4].split("=", 1)[1] for c in calls[:37] if c[4].startswith("--variant=")) == \
+    assert sorted(c[4].split("=", 1)[1] for c in calls[:40] if c[4].startswith("--variant=")) == \
         sorted(list(VARIANTS) + list(SD3_VARIANTS))
 
 

@@ -79,3 +79,33 @@ def test_a_run_prints_its_plan_and_a_plan_that_cannot_fit_is_one_line_exit_2_not
     monkeypatch.setenv("DIFFUSERS_NPU_DEVICE_MEMORY_GB", "lots")
     rc, _, err = main_rc("text_to_image", argv(tmp_path / "bad", 1, batch=2), capsys)
     assert rc == 2 and "DIFFUSERS_NPU_DEVICE_MEMORY_GB='lots': expected a number of GB" in err
+
+
+def test_flux_controlnet_with_upstreams_default_blocks_needs_fsdp_on_8_devices_of_64_gb(flux_dev):
+    """The FLUX ControlNet launchers' engine: upstream's default 4 double + 4 single blocks (2.0 B trained
+    parameters) beside the frozen FLUX.1-dev transformer and T5 v1.1 XXL (bf16) do not fit 64 GB under DDP; under
+    FSDP, the task's multi-process default, they do."""
+    import torch
+    from diffusers import FluxControlNetModel
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusers_npu.dit_presets import T5_XXL
+    from diffusers_npu.train.registry import find_task
+    from diffusers_npu.train.sd import Frozen
+
+    keep = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+            "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    with torch.device("meta"):
+        net = FluxControlNetModel(**{k: flux_dev.config[k] for k in keep}, num_layers=4, num_single_layers=4)
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+    module = torch.nn.Module()
+    module.controlnet = net
+    module.frozen = Frozen(transformer=flux_dev.requires_grad_(False), text_encoder_2=t5)
+    try:
+        assert 1.9e9 < sum(p.numel() for p in net.parameters()) < 2.1e9
+        ddp = mp.plan_for(module, "ddp", 8, "bf16", "adamw", device_bytes=64 * GB)
+        default = find_task("controlnet_flux").defaults["distributed"]
+        fsdp = mp.plan_for(module, default, 8, "bf16", "adamw", device_bytes=64 * GB)
+        assert not ddp.fits() and default == "fsdp" and fsdp.fits()
+    finally:
+        flux_dev.requires_grad_(True)

@@ -232,6 +232,20 @@ def test_controlnet_corrupt_conditioning_image_is_named_or_skipped(tmp_path, cap
     assert s["conditioning"] == "conditioning_image"
 
 
+def test_one_controlnet_validation_prompt_goes_with_every_validation_image():
+    """As upstream's ControlNet scripts: one --validation_prompt and N --validation_image make N pairs."""
+    from diffusers_npu.train.config import DeviceInfo, parse_args, resolve_defaults
+    from diffusers_npu.train.registry import find_task
+
+    for task in ("controlnet", "controlnet_flux"):
+        cls = find_task(task)
+        args = resolve_defaults(parse_args(cls, ["--pretrained_model_name_or_path", "/m", "--dataset_name", "/d",
+                                                 "--validation_prompt", "a circle", "--validation_image", "x.png",
+                                                 "y.png"]), DeviceInfo("cpu"), None, cls)
+        cls(args).validate_args()
+        assert args.validation_prompts == ["a circle", "a circle"], task
+
+
 def test_task_flag_errors_are_named(tmp_path, capsys):
     for task, flags, message in (
             ("textual_inversion", ["--initializer_token", "two words"], "--initializer_token"),

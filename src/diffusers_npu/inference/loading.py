@@ -102,13 +102,30 @@ def _init_params(pipeline_class, model: str) -> Dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": None}
 
 
+def saved_variant(path: str) -> Optional[str]:
+    """The variant of a local model folder that holds only one (``diffusion_pytorch_model.bf16.safetensors``, as
+    ``--save_weight_dtype bf16`` of the FLUX ControlNet task writes it), else None."""
+    import os
+    import re
+
+    if not os.path.isdir(path):
+        return None
+    names = os.listdir(path)
+    if any(re.fullmatch(r"diffusion_pytorch_model\.(safetensors|bin)(\.index\.json)?", n) for n in names):
+        return None
+    found = {m.group(1) for n in names for m in [re.fullmatch(r"diffusion_pytorch_model\.(\w+)\.safetensors", n)] if m}
+    return found.pop() if len(found) == 1 else None
+
+
 def load_controlnet(path: str, dtype: str, local_files_only: bool = False, class_name: str = "ControlNetModel"):
-    """``class_name``: ControlNetModel, SD3ControlNetModel or FluxControlNetModel (its config's _class_name)."""
+    """``class_name``: ControlNetModel, SD3ControlNetModel or FluxControlNetModel (its config's _class_name); a
+    folder that holds one variant's weights only is loaded as that variant."""
     import diffusers
 
     cls = getattr(diffusers, class_name)
     try:
-        return cls.from_pretrained(path, local_files_only=local_files_only, **{dtype_kwarg(): torch_dtype(dtype)})
+        return cls.from_pretrained(path, local_files_only=local_files_only, variant=saved_variant(path),
+                                   **{dtype_kwarg(): torch_dtype(dtype)})
     except (OSError, ValueError, RuntimeError) as exc:
         raise _load_error("--controlnet", path, class_name, exc) from None
 

@@ -1,5 +1,5 @@
-"""The eight 8-device text-to-image runs of the original ModelZoo README, as one table (and the SD3 performance
-runs, :data:`SD3_TABLE`).
+"""The eight 8-device text-to-image runs of the original ModelZoo README, as one table (and the SD3 / FLUX.1
+performance runs, :data:`SD3_TABLE`).
 
 ``test/train_{full,performance}_8p_text_to_image_*.sh`` each pass ``--variant=<their name>`` (the script
 name without ``train_`` and ``.sh``); everything that differs between them is here. The default model and
@@ -60,16 +60,19 @@ class Variant:
     flags: Dict[str, object] = field(default_factory=dict)
 
 
-# Stable Diffusion 3 performance runs (test/train_performance_8p_*_sd3.sh): the task's pretrained LaunchProfile
-# on SD3-medium ($SD3_MODEL) and a subject folder ($INSTANCE_DIR) or data set ($DATASET_NAME), 1000 steps.
+# Stable Diffusion 3 / FLUX.1 performance runs (test/train_performance_8p_*_{sd3,flux}.sh): the task's pretrained
+# LaunchProfile on SD3-medium ($SD3_MODEL) or FLUX.1-dev ($FLUX_MODEL) and a subject folder ($INSTANCE_DIR) or
+# data set ($DATASET_NAME), 1000 steps.
 SD3_TABLE = {
     "performance_8p_dreambooth_sd3": "dreambooth_sd3",
     "performance_8p_dreambooth_lora_sd3": "dreambooth_lora_sd3",
     "performance_8p_controlnet_sd3": "controlnet_sd3",
+    "performance_8p_controlnet_flux": "controlnet_flux",
 }
 SD3_MODEL_ENV, SD3_DEFAULT_MODEL = "SD3_MODEL", "stabilityai/stable-diffusion-3-medium-diffusers"
+FLUX_MODEL_ENV, FLUX_DEFAULT_MODEL = "FLUX_MODEL", "black-forest-labs/FLUX.1-dev"
 SD3_DATA = {"dreambooth_sd3": "diffusers/dog-example", "dreambooth_lora_sd3": "diffusers/dog-example",
-            "controlnet_sd3": "fusing/fill50k"}
+            "controlnet_sd3": "fusing/fill50k", "controlnet_flux": "fusing/fill50k"}
 
 
 def _sd3_variant(name: str) -> Variant:
@@ -78,9 +81,11 @@ def _sd3_variant(name: str) -> Variant:
     task = get_task(SD3_TABLE[name])
     kind_flags, suffix = KINDS["performance"]
     data = {"instance_data_dir": os.environ["INSTANCE_DIR"]} if os.environ.get("INSTANCE_DIR") and \
-        task.name != "controlnet_sd3" else {"dataset_name": os.environ.get(DATASET_ENV) or SD3_DATA[task.name]}
-    flags = {**task.launch.pretrained, "pretrained_model_name_or_path": os.environ.get(SD3_MODEL_ENV)
-             or SD3_DEFAULT_MODEL, **data, **kind_flags}
+        not task.name.startswith("controlnet") else {"dataset_name": os.environ.get(DATASET_ENV) or SD3_DATA[task.name]}
+    env, model = (FLUX_MODEL_ENV, FLUX_DEFAULT_MODEL) if task.name.endswith("flux") else (SD3_MODEL_ENV,
+                                                                                          SD3_DEFAULT_MODEL)
+    flags = {**task.launch.pretrained, "pretrained_model_name_or_path": os.environ.get(env) or model, **data,
+             **kind_flags}
     return Variant(name=name, task=task.name, network=task.launch.network, num_devices=8, case_suffix=suffix,
                    flags=flags)
 

@@ -69,7 +69,7 @@ def common_parser(prog: str, description: str) -> ArgumentParser:
     _switch(g, "--center_crop", "center crop instead of a random crop")
     _switch(g, "--random_flip", "flip images horizontally at random (per sample and epoch)")
     g.add_argument("--image_interpolation_mode", default="lanczos",
-                   choices=["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"],
+                   choices=["lanczos", "bilinear", "bicubic", "nearest", "nearest_exact", "box", "hamming"],
                    help="resampling filter used to resize images")
     _switch(g, "--aspect_ratio_buckets",
             "group images by aspect ratio into buckets of about resolution^2 pixels; each batch comes from one "

@@ -45,6 +45,9 @@ def no_arguments_help(task_cls) -> Optional[str]:
     profile = getattr(task_cls, "launch", None)
     if profile is None:
         return None
+    if not profile.embedded:  # the FLUX.1 tasks: no embedded model
+        return ("With no arguments: there is no embedded model for this task; give --pretrained_model_name_or_path "
+                "and the data flags.")
     flags = " ".join(f"--{k}={v}" if v is not True else f"--{k}" for k, v in profile.embedded.items())
     check = ", then the learning check (exit 4 below --learning_check_min)" if profile.learning_check else ""
     expected = f"; {profile.expected}" if profile.expected else ""

@@ -279,12 +279,15 @@ class DiTTask(DiffusionTask):
     def frozen(self, **extra) -> Frozen:
         return Frozen(vae=self.vae, **self.encoders, **extra)
 
+    #: whether --weighting_scheme also weights the loss (upstream's FLUX ControlNet script: only the density)
+    weight_loss = True
+
     def objective(self) -> FlowMatchingObjective:
         a = self.args
         return FlowMatchingObjective(self.noise_scheduler, seed=a.seed, weighting_scheme=a.weighting_scheme,
                                      logit_mean=a.logit_mean, logit_std=a.logit_std, mode_scale=a.mode_scale,
                                      precondition_outputs=bool(a.precondition_outputs),
-                                     per_sample_noise=a.per_sample_noise)
+                                     per_sample_noise=a.per_sample_noise, weight_loss=self.weight_loss)
 
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

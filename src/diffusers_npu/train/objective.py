@@ -145,12 +145,13 @@ class FlowMatchingObjective(Objective):
     for the image's token count as the scheduler shifts it at inference (``calculate_shift`` + ``time_shift``).
     Noisy input ``(1 - sigma) x + sigma n``; target ``n - x``, or with ``--precondition_outputs`` the clean
     latents from ``noisy - sigma * prediction``; per-sample loss ``mean(w(sigma) (pred - target)^2)`` with
-    diffusers' ``compute_loss_weighting_for_sd3``.
+    diffusers' ``compute_loss_weighting_for_sd3``, or unweighted (``weight_loss=False``: upstream's FLUX
+    ControlNet script weights only the timestep density).
     """
 
     def __init__(self, noise_scheduler, seed: int = 0, weighting_scheme: str = "logit_normal",
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-                 precondition_outputs: bool = True, per_sample_noise: bool = False):
+                 precondition_outputs: bool = True, per_sample_noise: bool = False, weight_loss: bool = True):
         import diffusers
 
         super().__init__(noise_scheduler, seed=seed, per_sample_noise=per_sample_noise)
@@ -159,6 +160,7 @@ class FlowMatchingObjective(Objective):
         self.weighting_scheme = weighting_scheme
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.precondition_outputs = bool(precondition_outputs)
+        self.weight_loss = bool(weight_loss)
         # A fresh scheduler from the config: the pipeline's copy changes its sigmas when it samples.
         train = diffusers.FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
         self.config = train.config
@@ -211,6 +213,8 @@ class FlowMatchingObjective(Objective):
     def weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+        if not self.weight_loss:
+            return torch.ones_like(sigmas, dtype=torch.float32)
         return compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas.float())
 
     def flow_loss(self, pred: torch.Tensor, sample: FlowSample, reduce: bool = True):

@@ -87,11 +87,14 @@ class ControlNetTask(DiffusionTask):
         g.add_argument("--derived_conditioning", default="sobel", choices=["sobel", "blur"],
                        help="conditioning made from the image when the data set has none")
         g.add_argument("--validation_image", nargs="+", default=None,
-                       help="conditioning image(s) for the validation prompts (one, or one per prompt); default: "
-                            "the conditioning of the first training samples")
+                       help="conditioning image(s) for the validation prompts (one, or one per prompt; a single "
+                            "prompt goes with each image, as upstream); default: the conditioning of the first "
+                            "training samples")
 
     def validate_args(self):
         a = self.args
+        if a.validation_image and a.validation_prompts and len(a.validation_prompts) == 1:
+            a.validation_prompts = a.validation_prompts * len(a.validation_image)  # upstream: one prompt for all
         if a.validation_image and a.validation_prompts and len(a.validation_image) not in (1, len(a.validation_prompts)):
             raise UsageError(f"--validation_image: give 1 or {len(a.validation_prompts)} images (one per validation "
                              f"prompt), got {len(a.validation_image)}")

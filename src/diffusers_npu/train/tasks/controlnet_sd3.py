@@ -31,16 +31,20 @@ class ControlNetSD3Module(DiTModule):
 
     family = SD3
 
-    def forward(self, batch):
+    def step_inputs(self, batch):
+        """(noised sample, prompt_embeds, pooled_prompt_embeds, conditioning latents) of a batch."""
         gens = self.objective.generators(batch)
         latents = self.latents(batch, gens)
         embeds, pooled = self.prompt(batch)
-        transformer = self.frozen.transformer
-        sample = self.objective.sample(latents, gens, self.image_seq_len(latents, transformer))
+        sample = self.objective.sample(latents, gens, self.image_seq_len(latents, self.frozen.transformer))
         # the conditioning image goes through the VAE like the image ([0, 1] -> [-1, 1] as the pipeline's
         # image processor does)
         cond_px = batch["conditioning_pixel_values"].to(self.device, non_blocking=True) * 2.0 - 1.0
-        cond = self.latents({"pixel_values": cond_px}, gens)
+        return sample, embeds, pooled, self.latents({"pixel_values": cond_px}, gens)
+
+    def forward(self, batch):
+        sample, embeds, pooled, cond = self.step_inputs(batch)
+        transformer = self.frozen.transformer
         blocks = self.controlnet(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
                                  pooled_projections=pooled, controlnet_cond=cond, return_dict=False)[0]
         pred = transformer(hidden_states=sample.noisy, timestep=sample.timesteps, encoder_hidden_states=embeds,
@@ -78,14 +82,23 @@ class ControlNetSD3Task(DiTTask, ControlNetTask):
 
         return {**embedded_sd3.prepare(progress=progress), "resolution": embedded_sd3.RESOLUTION}
 
+    #: the ControlNet's and its pipeline's diffusers classes (the FLUX task swaps in its own)
+    controlnet_class = "SD3ControlNetModel"
+    controlnet_pipeline = "StableDiffusion3ControlNetPipeline"
+
     @classmethod
-    def add_arguments(cls, parser) -> None:
+    def add_controlnet_dit_arguments(cls, parser, max_sequence_length: int = 77) -> None:
+        """The ControlNet data / model flags and the SD3 / FLUX flags, worded for ``cls.controlnet_class``."""
         ControlNetTask.add_arguments(parser)
         for action in parser._actions:
             if action.dest == "controlnet_model_name_or_path":
-                action.help = ("start from this SD3ControlNetModel instead of one made from the transformer "
-                               "(SD3ControlNetModel.from_transformer)")
-        add_dit_arguments(parser)
+                action.help = (f"start from this {cls.controlnet_class} instead of one made from the transformer "
+                               f"({cls.controlnet_class}.from_transformer)")
+        add_dit_arguments(parser, max_sequence_length)
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        cls.add_controlnet_dit_arguments(parser)
         g = parser.add_argument_group("ControlNet SD3 (upstream flags)")
         g.add_argument("--num_extra_conditioning_channels", type=int, default=0,
                        help="extra channels of the conditioning input beyond the VAE latents' (0 for image "
@@ -107,32 +120,47 @@ class ControlNetSD3Task(DiTTask, ControlNetTask):
                              "read")
 
     # ------------------------------------------------------------------------------------------ models
+    module_class = ControlNetSD3Module
+
     def build_module(self):
-        from diffusers import SD3ControlNetModel
+        """The ControlNet (from --controlnet_model_name_or_path or :meth:`controlnet_from_transformer`, fp32
+        master weights) and the frozen transformer in the autocast dtype."""
+        import diffusers
 
         a, rt = self.args, self.rt
         self.load_components(transformer_dtype=torch.float32)
-        flag = "--controlnet_model_name_or_path"
-        n = self.transformer.config.num_layers
-        if n < 2:  # SD3 adds ControlNet residuals to every block but its last, context-pre-only one
-            raise ModelError(f"--pretrained_model_name_or_path: this SD3 transformer has {n} block; SD3 adds ControlNet "
-                             f"residuals only to the blocks before its last one, so a ControlNet cannot steer it")
+        self.check_transformer()
         if a.controlnet_model_name_or_path:
             try:
-                self.controlnet = SD3ControlNetModel.from_pretrained(a.controlnet_model_name_or_path)
+                cls = getattr(diffusers, self.controlnet_class)
+                self.controlnet = cls.from_pretrained(a.controlnet_model_name_or_path)
             except Exception as e:
-                raise ModelError(f"{flag}: cannot load an SD3ControlNetModel from {a.controlnet_model_name_or_path}: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                raise ModelError(f"--controlnet_model_name_or_path: cannot load a {self.controlnet_class} from "
+                                 f"{a.controlnet_model_name_or_path}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
         else:  # made from the fp32 transformer, before it drops to the autocast dtype below
-            layers = min(CONTROLNET_LAYERS, n - 1)
-            self.controlnet = SD3ControlNetModel.from_transformer(
-                self.transformer, num_layers=layers, num_extra_conditioning_channels=a.num_extra_conditioning_channels)
+            self.controlnet = self.controlnet_from_transformer()
         self.controlnet.to(rt.device).train()
         self.transformer.requires_grad_(False).eval()
         if rt.weight_dtype != torch.float32:
             self.transformer.to(dtype=rt.weight_dtype)  # frozen, never wrapped by the engine
-        return ControlNetSD3Module(self.frozen(transformer=self.transformer), self.objective(), rt.weight_dtype,
-                                   controlnet=self.controlnet)
+        return self.module_class(self.frozen(transformer=self.transformer), self.objective(), rt.weight_dtype,
+                                 controlnet=self.controlnet)
+
+    def check_transformer(self) -> None:
+        n = self.transformer.config.num_layers
+        if n < 2:  # SD3 adds ControlNet residuals to every block but its last, context-pre-only one
+            raise ModelError(f"--pretrained_model_name_or_path: this SD3 transformer has {n} block; SD3 adds "
+                             f"ControlNet residuals only to the blocks before its last one, so a ControlNet cannot "
+                             f"steer it")
+
+    def controlnet_from_transformer(self):
+        from diffusers import SD3ControlNetModel
+
+        layers = min(CONTROLNET_LAYERS, self.transformer.config.num_layers - 1)
+        extra = self.args.num_extra_conditioning_channels
+        return SD3ControlNetModel.from_transformer(self.transformer, num_layers=layers,
+                                                   num_extra_conditioning_channels=extra)
 
     def attention_models(self):
         return [self.transformer, self.vae, self.controlnet]
@@ -156,13 +184,13 @@ class ControlNetSD3Task(DiTTask, ControlNetTask):
             captions = [c for i, cell in enumerate(rows.ds[rows.caption_column])
                         for c in caption_options(cell, f"row {i} (column {rows.caption_column!r})")]
             self._table = self.prompt_table(captions + [""] if self.args.proportion_empty_prompts else captions,
-                                            batch_size=self.args.dataset_preprocess_batch_size)
+                                            batch_size=getattr(self.args, "dataset_preprocess_batch_size", 64))
         return self._table
 
     # ------------------------------------------------------------------------------------------ outputs
     def pipeline(self):
         self.transformer.to(self.rt.device)
-        return self.dit_pipeline(class_name="StableDiffusion3ControlNetPipeline", controlnet=self.controlnet)
+        return self.dit_pipeline(class_name=self.controlnet_pipeline, controlnet=self.controlnet)
 
     def validation_kwargs(self, index, prompt):
         return {"control_image": ControlNetTask.validation_kwargs(self, index, prompt)["image"]}
@@ -170,7 +198,8 @@ class ControlNetSD3Task(DiTTask, ControlNetTask):
     def save_final(self, folder: str):
         files = ControlNetTask.save_final(self, folder)
         if self.rt.is_main:
-            self.training_info(folder, "controlnet", files, load_with="SD3ControlNetModel.from_pretrained(this_folder)")
+            self.training_info(folder, "controlnet", files,
+                               load_with=f"{self.controlnet_class}.from_pretrained(this_folder)")
         return files
 
     def summary_extra(self):

@@ -22,26 +22,54 @@ from ..registry import LaunchProfile, register_task
 from .dreambooth_sd3 import DreamBoothSD3Module, DreamBoothSD3Task
 
 
+def flux_call(noisy: torch.Tensor, embeds: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int,
+              guidance_embeds: bool, guidance_scale: float) -> dict:
+    """The keyword arguments FLUX's transformer (and its ControlNet) take for the ``(B, C, H, W)`` noisy latents:
+    the packed tokens, image / text ids, sigma as the timestep and, for guidance-distilled transformers, the
+    guidance value of every sample."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy.shape
+    guidance = torch.full((b,), float(guidance_scale), device=noisy.device) if guidance_embeds else None
+    return {"hidden_states": flux_pack(noisy),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            "timestep": timesteps / num_train_timesteps, "guidance": guidance, "encoder_hidden_states": embeds}
+
+
+def flux_pack(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` latents as ``(B, H/2 * W/2, 4C)`` tokens (``FluxPipeline._pack_latents``)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._pack_latents(latents, *latents.shape)
+
+
+def flux_unpack(pred: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The packed prediction back in the ``(B, C, H, W)`` shape of ``like``."""
+    from diffusers import FluxPipeline
+
+    # _unpack_latents takes pixel sizes and the VAE factor; with factor 1 the latent sizes are the pixel sizes
+    return FluxPipeline._unpack_latents(pred, like.shape[-2], like.shape[-1], 1)
+
+
+def check_packing(task) -> None:
+    """``--resolution`` must divide into FLUX's 2x2 latent tokens (a one-line error before anything is written)."""
+    side = 2 * task.vae_scale_factor()
+    if task.args.resolution % side:
+        raise UsageError(f"--resolution {task.args.resolution}: FLUX packs 2x2 latent patches into one token, so "
+                         f"the resolution must be a multiple of {side} (2 x the VAE's factor "
+                         f"{task.vae_scale_factor()})")
+
+
 class DreamBoothFluxModule(DreamBoothSD3Module):
     family = FLUX
     guidance_scale = 3.5
 
     def denoise(self, sample, embeds, pooled):
-        from diffusers import FluxPipeline
-
-        noisy = sample.noisy
-        b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), float(self.guidance_scale), device=noisy.device)
-        pred = self.transformer(hidden_states=packed, timestep=sample.timesteps / self.objective.num_train_timesteps,
-                                guidance=guidance, pooled_projections=pooled, encoder_hidden_states=embeds,
-                                txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        # _unpack_latents takes pixel sizes and the VAE factor; with factor 1 the latent sizes are the pixel sizes
-        return FluxPipeline._unpack_latents(pred, h, w, 1)
+        call = flux_call(sample.noisy, embeds, sample.timesteps, self.objective.num_train_timesteps,
+                         self.transformer.config.guidance_embeds, self.guidance_scale)
+        pred = self.transformer(**call, pooled_projections=pooled, return_dict=False)[0]
+        return flux_unpack(pred, sample.noisy)
 
 
 def _add_flux_arguments(parser, lora_script: bool) -> None:
@@ -53,9 +81,10 @@ def _add_flux_arguments(parser, lora_script: bool) -> None:
                              "ignored by transformers without guidance_embeds)")
     # upstream: 77 T5 tokens in train_dreambooth_flux.py, 512 in train_dreambooth_lora_flux.py; uniform
     # timesteps and loss ("none", SD3's scripts use logit_normal); LoRA alpha 4 whatever the rank; 28 steps for
-    # class images (FluxPipeline's default)
+    # class images (FluxPipeline's default); the target is the velocity noise - latents (upstream's FLUX scripts
+    # have no --precondition_outputs, SD3's default to 1)
     parser.set_defaults(max_sequence_length=512 if lora_script else 77, weighting_scheme="none",
-                        class_inference_steps=28)
+                        class_inference_steps=28, precondition_outputs=0)
     if lora_script:
         parser.set_defaults(lora_alpha=4.0)
         for action in parser._actions:
@@ -99,11 +128,7 @@ class DreamBoothFluxTask(DreamBoothSD3Task):
 
     def build_module(self):
         module = super().build_module()
-        side = 2 * self.vae_scale_factor()
-        if self.args.resolution % side:
-            raise UsageError(f"--resolution {self.args.resolution}: FLUX packs 2x2 latent patches into one token, so "
-                             f"the resolution must be a multiple of {side} (2 x the VAE's factor "
-                             f"{self.vae_scale_factor()})")
+        check_packing(self)
         module.guidance_scale = self.args.guidance_scale
         return module
 

@@ -47,6 +47,24 @@ def add_prior_preservation_arguments(g, class_inference_steps: int, steps_note: 
                    help="precision of class image generation; default: the training precision")
 
 
+def resolve_prior_preservation(a) -> None:
+    """Check the prior-preservation flags and fill their defaults: the class prompt (the instance prompt without
+    'sks') and the class image folder; without --with_prior_preservation, say that the class flags are unused."""
+    if not a.with_prior_preservation:
+        if a.class_data_dir or a.class_prompt:
+            logger.warning("--class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+        return
+    if a.class_prompt is None:
+        words = a.instance_prompt.split()
+        if "sks" not in words:
+            raise UsageError("--with_prior_preservation needs --class_prompt (the instance prompt has no 'sks' "
+                             "identifier to drop)")
+        a.class_prompt = " ".join(w for w in words if w != "sks")
+    a.class_data_dir = a.class_data_dir or os.path.join(a.output_dir, "class_images")
+    if a.num_class_images < 1:
+        raise UsageError(f"--num_class_images must be >= 1 (got {a.num_class_images})")
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images with one prompt; with prior preservation each sample also carries a class image. Every
     image comes with the SDXL micro-conditioning of its real crop (``original_size``, ``crop_top_left``,
@@ -200,18 +218,7 @@ class DreamBoothTask(DiffusionTask):
         if a.validation_images:
             raise UsageError("--validation_images: it feeds images to pixel-space upscaler models (DeepFloyd IF stage "
                              "II), which this project does not train; use --validation_prompt")
-        if a.with_prior_preservation:
-            if a.class_prompt is None:
-                words = a.instance_prompt.split()
-                if "sks" not in words:
-                    raise UsageError("--with_prior_preservation needs --class_prompt (the instance prompt has no "
-                                     "'sks' identifier to drop)")
-                a.class_prompt = " ".join(w for w in words if w != "sks")
-            a.class_data_dir = a.class_data_dir or os.path.join(a.output_dir, "class_images")
-            if a.num_class_images < 1:
-                raise UsageError(f"--num_class_images must be >= 1 (got {a.num_class_images})")
-        elif a.class_data_dir or a.class_prompt:
-            logger.warning("--class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+        resolve_prior_preservation(a)
         if a.use_ema and a.train_text_encoder:
             raise UsageError("--use_ema averages the UNet only; it cannot be combined with --train_text_encoder")
         if a.pre_compute_text_embeddings and a.train_text_encoder:

@@ -23,7 +23,7 @@ from ..dit import SD3, DiTModule, DiTTask, add_dit_arguments
 from ..registry import LaunchProfile, register_task
 from ..sd import load_unet_like, save_unet_like
 from . import lora
-from .dreambooth import DreamBoothTask, add_prior_preservation_arguments
+from .dreambooth import DreamBoothTask, add_prior_preservation_arguments, resolve_prior_preservation
 from .dreambooth_lora_sdxl import add_prodigy_arguments
 
 logger = logging.getLogger(__name__)
@@ -164,21 +164,10 @@ class DreamBoothSD3Task(DiTTask):
                 raise UsageError(f"--lora_dropout must be in [0, 1) (got {a.lora_dropout})")
             if a.use_ema:
                 raise UsageError("--use_ema averages full weights; the LoRA script trains only adapters (drop it)")
-        if a.with_prior_preservation:
-            if a.class_prompt is None:
-                words = a.instance_prompt.split()
-                if "sks" not in words:
-                    raise UsageError("--with_prior_preservation needs --class_prompt (the instance prompt has no "
-                                     "'sks' identifier to drop)")
-                a.class_prompt = " ".join(w for w in words if w != "sks")
-            a.class_data_dir = a.class_data_dir or os.path.join(a.output_dir, "class_images")
-            if a.num_class_images < 1:
-                raise UsageError(f"--num_class_images must be >= 1 (got {a.num_class_images})")
-            if a.cache_latents:
-                raise UsageError("--cache_latents caches one image per sample; with --with_prior_preservation each "
-                                 "sample also carries a class image (drop one)")
-        elif a.class_data_dir or a.class_prompt:
-            logger.warning("--class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+        resolve_prior_preservation(a)
+        if a.with_prior_preservation and a.cache_latents:
+            raise UsageError("--cache_latents caches one image per sample; with --with_prior_preservation each "
+                             "sample also carries a class image (drop one)")
         if a.train_text_encoder and a.cache_latents:
             raise UsageError("--cache_latents stores the prompt states, which --train_text_encoder changes every "
                              "step; drop one")

@@ -9,7 +9,7 @@ black-forest-labs/FLUX.1-dev (transformer, VAE, text encoders).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 DIT_PRESETS = ("sd3-medium", "sd35-large", "flux1-dev")
@@ -48,8 +48,8 @@ class DiTPreset:
 
 
 def get_dit_preset(name: str) -> DiTPreset:
-    if name == "sd3-medium":
-        return DiTPreset(
+    if name in ("sd3-medium", "sd35-large"):
+        medium = DiTPreset(
             "sd3-medium", "sd3", 1024,
             transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -57,15 +57,11 @@ def get_dit_preset(name: str) -> DiTPreset:
             vae=dict(_VAE16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609),
             text_encoders=(("clip_projection", CLIP_L), ("clip_projection", CLIP_BIGG), ("t5", T5_XXL)),
             max_sequence_length=256, scheduler=dict(shift=3.0))
-    if name == "sd35-large":
-        return DiTPreset(
-            "sd35-large", "sd3", 1024,
-            transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                             num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-            vae=dict(_VAE16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609),
-            text_encoders=(("clip_projection", CLIP_L), ("clip_projection", CLIP_BIGG), ("t5", T5_XXL)),
-            max_sequence_length=256, scheduler=dict(shift=3.0))
+        if name == "sd3-medium":
+            return medium
+        # SD3.5 large: the same VAE, text encoders and scheduler; a deeper, wider transformer with q/k RMSNorm
+        return replace(medium, name="sd35-large", transformer=dict(
+            medium.transformer, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"))
     if name == "flux1-dev":
         return DiTPreset(
             "flux1-dev", "flux", 1024,

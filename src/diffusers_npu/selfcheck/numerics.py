@@ -18,7 +18,7 @@ from .. import device as dev
 from ..attention import set_attention
 from ..optim import _unwrap, build_optimizer, clip_grad_norm, supports_sync_free_amp, zero_grad
 from .realsize import device_kind, fallback_for_attention
-from .result import Result
+from .result import Result, attention_result
 
 ATTENTION_MODES = ("auto", "flash", "upcast", "default")
 OPTIMIZERS = ("adamw", "fused_adamw", "megatron_adamw")
@@ -121,10 +121,7 @@ def attention_checks(device: str, seed: int = 0) -> Iterator[Result]:
                     errors.append((_rel(out, ref), case))
                     for path, n in counts.items():
                         paths[path] = paths.get(path, 0) + n
-                worst, case = max(errors)
-                tol = ATTENTION_TOL[dtype_name]
-                note = "paths: " + ", ".join(f"{p} x{n}" for p, n in sorted(paths.items())) + f"; worst: {case}"
-                result = Result("", "pass" if worst < tol else "FAIL", worst, tol, note=note)
+                result = attention_result(errors, paths, ATTENTION_TOL[dtype_name])
                 if mode in ("flash", "auto") and dtype_name != "fp32":
                     result.fallback = fallback_for_attention(device_kind(device), paths)
                 return result

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from .. import device as dev
-from .result import Result
+from .result import Result, attention_result
 
 # (label, heads, query length, head dim): the attention layers SD trains. SD 1.5 (512 px): 8 heads, head dims
 # 40..160 at 64x64..16x16 latents; SD 2.1 (768 px): head dim 64, 96x96 = 9,216 tokens; SDXL (1024 px): head dim
@@ -135,10 +135,7 @@ def attention_realsize_checks(device: str, seed: int = 0) -> Iterator[Result]:
                     errors.append((err, f"{shape} D={dim} S={seq} {what}"))
                     for path, n in counts.items():
                         paths[path] = paths.get(path, 0) + n
-            worst, case = max(errors)
-            tol = TOL[dtype]
-            note = "paths: " + ", ".join(f"{p} x{n}" for p, n in sorted(paths.items())) + f"; worst: {case}"
-            result = Result("", "pass" if worst < tol else "FAIL", worst, tol, note=note)
+            result = attention_result(errors, paths, TOL[dtype])
             result.fallback = fallback_for_attention(kind, paths)
             return result
 

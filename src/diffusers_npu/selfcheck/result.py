@@ -30,6 +30,14 @@ class Result:
         return row
 
 
+def attention_result(errors: list, paths: dict, tolerance: float) -> Result:
+    """The row of an attention check over several cases: ``errors`` holds (relative error, case) pairs and
+    ``paths`` counts the kernels that ran; the worst case against ``tolerance``, the paths in the note."""
+    worst, case = max(errors)
+    note = "paths: " + ", ".join(f"{p} x{n}" for p, n in sorted(paths.items())) + f"; worst: {case}"
+    return Result("", "pass" if worst < tolerance else "FAIL", worst, tolerance, note=note)
+
+
 def format_table(results: List[Result]) -> str:
     """The printed table: check, result, max error (and its tolerance), time, note. A result marked ``*`` ran a
     fallback instead of the NPU path (the note says which)."""

@@ -324,12 +324,9 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
             _job("cn_ddp", "controlnet_flux", tmp_path / "cn_ddp", 2, *_cn_flags(model, flux_fill), "--distributed",
                  "ddp", "--save_weight_dtype", "bf16"),
             _job("cn_fsdp", "controlnet_flux", tmp_path / "cn_fsdp", 2, *_cn_flags(model, flux_fill))]
-    import socket
+    from trainkit import free_port  # other test runs on this machine use the fixed ports
 
-    with socket.socket() as sock:  # a free port: other test runs on this machine use the fixed ones
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results, _ = _torchrun(tmp_path, jobs, port)
+    results, _ = _torchrun(tmp_path, jobs, free_port())
     # full fine-tuning runs under FSDP by default: each rank holds its own shard (the saved models are compared)
     _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "compare", "cn_fsdp"})
     # one optimizer step under FSDP on 2 processes = one process with the same global batch (4)

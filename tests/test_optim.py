@@ -598,8 +598,7 @@ def test_prodigy_is_upstream_prodigyopt_with_its_options_and_refused_on_sharded_
     opt.step()
     assert not torch.equal(p.detach(), torch.ones(4))  # it stepped
     args = type("A", (), {"optimizer": "prodigy", "distributed": "fsdp", "max_bad_steps": 0, "use_ema": False})()
-    engine = Engine.__new__(Engine)
-    engine.kind = "fsdp"
+    engine = Engine("fsdp", world_size=2)
     with pytest.raises(UsageError, match=r"^--optimizer prodigy is not available with --distributed fsdp: .*"
                                          r"use --distributed ddp \(or one process\)"):
         engine.check_args(args)

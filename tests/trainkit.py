@@ -73,8 +73,6 @@ def run_subprocess(cmd, timeout=600, **env):
 
 def free_port() -> int:
     """A free TCP port for a torchrun rendezvous (fixed ports collide with other test runs on the machine)."""
-    import socket
+    from diffusers_npu.benchmark.upstream import free_port as free
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free()

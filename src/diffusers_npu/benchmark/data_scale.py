@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from .upstream import free_port
+
 MIB = 1024 * 1024
 
 
@@ -143,14 +145,6 @@ def build_worker(argv: list, out_json: str) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_build(model, data, cache, work, rows, procs, port) -> dict:

@@ -140,7 +140,8 @@ def worker(argv_file: str, out_json: str) -> int:
 
 
 def run(width: int, nproc: int, work: str, resolution: int) -> list:
-    from .data_scale import child_env, free_port, write_rows
+    from .data_scale import child_env, write_rows
+    from .upstream import free_port
 
     model = write_model(os.path.join(work, "model"), width)
     data = write_rows(os.path.join(work, "rows.parquet"), 64, size=resolution)

@@ -297,7 +297,8 @@ def test_two_processes_ddp_and_fsdp_report_per_rank_memory_and_scaling(tmp_path,
 
 @pytest.mark.slow
 def test_gpu_run_script_smoke_on_cpu(tmp_path, repo_root):
-    """About 1.5 minutes: bench/gpu_run.sh --smoke runs the GPU sequence with tiny presets on CPU."""
+    """About 1.5 minutes: bench/gpu_run.sh --smoke runs the GPU sequence with tiny presets on CPU (SD, the SD3 /
+    FLUX DreamBooth rows, SDXL)."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
     proc = subprocess.run(["bash", os.path.join(repo_root, "bench", "gpu_run.sh"), "--smoke"], env=env,
                           capture_output=True, text=True, timeout=900)
@@ -310,6 +311,14 @@ def test_gpu_run_script_smoke_on_cpu(tmp_path, repo_root):
     for r in sd["modes"] + sdxl["modes"]:
         assert r["images_per_sec"] > 0, r
     assert sdxl["modes"][1]["resolved"]["use_lora"] is True
+    # the diffusion-transformer rows (tiny sizes): the DreamBooth scripts' Trainer step
+    dit = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text())["modes"]
+           for name in ("train_sd3-tiny", "train_sd3-tiny_lora", "train_flux-tiny")}
+    assert [[(r["mode"], r["task"]) for r in rows] for rows in dit.values()] == [
+        [("online", "dreambooth_sd3")], [("lora", "dreambooth_lora_sd3")], [("online", "dreambooth_flux")]]
+    for rows in dit.values():
+        assert rows[0]["images_per_sec"] > 0 and rows[0]["figure"] == "Trainer.train_step", rows
+    assert dit["train_sd3-tiny"][0]["resolved"]["gradient_checkpointing"] is True
     assert (tmp_path / "out" / "versions.txt").read_text().startswith("python ")
 
 

@@ -16,7 +16,12 @@ TASKS = {(False, "full"): "text_to_image", (False, "lora"): "text_to_image", (Fa
 
 
 def mode_spec(a, name: str) -> dict:
-    """What a Trainer mode runs: task, kind of step, and the mode's own flags."""
+    """What a Trainer mode runs: task, kind of step, and the mode's own flags (SD3 / FLUX presets:
+    :func:`.dit.mode_spec`)."""
+    if getattr(a, "dit", None):
+        from .dit import mode_spec as dit_mode_spec
+
+        return dit_mode_spec(a, name)
     if name.startswith("flags"):
         i = 0 if name == "flags" else int(name[5:]) - 1
         flags = shlex.split(a.flags[i])
@@ -48,7 +53,8 @@ def trainer_argv(a, fx: dict, spec: dict, task_cls, output_dir: str, engine) -> 
     """The training script's command line of a mode (harness settings the user's flags did not set)."""
     mode_flags = spec["flags"] + shlex.split(a.extra_flags)
     user = _dests_set(task_cls, mode_flags)
-    argv = [] if a.embedded else ["--pretrained_model_name_or_path", fx["model"], "--train_data_dir", fx["data"]]
+    data_flag = "--instance_data_dir" if getattr(a, "dit", None) else "--train_data_dir"  # DreamBooth: the images
+    argv = [] if a.embedded else ["--pretrained_model_name_or_path", fx["model"], data_flag, fx["data"]]
     defaults = [("resolution", ["--resolution", str(a.resolution)]),
                 ("train_batch_size", ["--train_batch_size", str(a.batch_size)]),
                 ("center_crop", ["--center_crop"]), ("random_flip", ["--random_flip"]),

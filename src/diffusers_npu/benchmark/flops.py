@@ -129,35 +129,32 @@ DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 DIT_KINDS = ("full", "lora")
 
 
-def _dit_inputs(p, transformer, resolution: int) -> dict:
-    """Batch-1 meta inputs of an SD3 / FLUX transformer at ``resolution`` px (the pipelines' text lengths:
-    77 CLIP tokens + ``max_sequence_length`` T5 tokens for SD3, the T5 tokens alone for FLUX)."""
+def _dit_inputs(family: str, vae_factor: int, transformer, resolution: int, text_len: int) -> dict:
+    """Batch-1 meta inputs of an SD3 / FLUX transformer at ``resolution`` px with ``text_len`` T5 tokens (SD3's
+    prompt states also carry 77 CLIP tokens before them; FLUX's are the T5 tokens alone)."""
     cfg = transformer.config
-    lat = resolution // p.vae_factor
+    lat = resolution // vae_factor
     meta = dict(device="meta")
-    if p.family == "flux":
+    if family == "flux":
         tokens = (lat // 2) ** 2  # 2x2 latent patches packed into one token
-        txt = p.max_sequence_length
         inputs = dict(hidden_states=torch.randn(1, tokens, cfg.in_channels, **meta),
-                      encoder_hidden_states=torch.randn(1, txt, cfg.joint_attention_dim, **meta),
+                      encoder_hidden_states=torch.randn(1, text_len, cfg.joint_attention_dim, **meta),
                       pooled_projections=torch.randn(1, cfg.pooled_projection_dim, **meta),
                       timestep=torch.ones(1, **meta), img_ids=torch.zeros(tokens, 3, **meta),
-                      txt_ids=torch.zeros(txt, 3, **meta))
+                      txt_ids=torch.zeros(text_len, 3, **meta))
         if cfg.guidance_embeds:
             inputs["guidance"] = torch.ones(1, **meta)
         return inputs
     return dict(hidden_states=torch.randn(1, cfg.in_channels, lat, lat, **meta),
-                encoder_hidden_states=torch.randn(1, 77 + p.max_sequence_length, cfg.joint_attention_dim, **meta),
+                encoder_hidden_states=torch.randn(1, 77 + text_len, cfg.joint_attention_dim, **meta),
                 pooled_projections=torch.randn(1, cfg.pooled_projection_dim, **meta),
                 timestep=torch.ones(1, **meta))
 
 
 def _dit_encoders(p):
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**p.vae)
         encoders = []
         for kind, cfg in p.text_encoders:
             if kind == "t5":
@@ -165,19 +162,22 @@ def _dit_encoders(p):
             else:
                 cls = CLIPTextModelWithProjection if kind == "clip_projection" else CLIPTextModel
                 encoders.append((cls(CLIPTextConfig(vocab_size=49408, **cfg)), 77))
-    return vae, encoders
+    return encoders
 
 
-def count_dit_flops(name: str, resolution: int, kinds=DIT_KINDS, lora_rank: int = 4) -> dict:
-    """Per-image FLOPs of an SD3 / FLUX preset (:mod:`diffusers_npu.dit_presets`) at batch 1, counted on the
-    meta device: ``full_fwd_bwd`` (every transformer weight trained), ``lora_fwd_bwd`` (adapters on
-    ``DIT_LORA_TARGETS``), ``vae_encoder_fwd`` and ``text_encoder_fwd`` (CLIP(s) + T5, once per caption when
-    cached)."""
-    from ..dit_presets import build_transformer, get_dit_preset
+def count_dit_step_flops(family: str, transformer_config: dict, vae_config: dict, resolution: int, text_len: int,
+                         kinds=DIT_KINDS, lora_rank: int = 4, lora_targets=DIT_LORA_TARGETS) -> dict:
+    """Per-image FLOPs at batch 1 of an SD3 / FLUX step from the transformer's and the VAE's configs (a model
+    folder's ``config.json`` files, or a preset's): ``full_fwd_bwd`` (every transformer weight trained),
+    ``lora_fwd_bwd`` (adapters on ``lora_targets``), ``vae_encoder_fwd``; ``text_len`` T5 tokens."""
+    import diffusers
 
-    p = get_dit_preset(name)
-    transformer = build_transformer(name)
-    inputs = _dit_inputs(p, transformer, resolution)
+    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
+    with torch.device("meta"):
+        transformer = cls(**{k: v for k, v in transformer_config.items() if not k.startswith("_")})
+        vae = diffusers.AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    inputs = _dit_inputs(family, vae_factor, transformer, resolution, text_len)
 
     def step():
         out = transformer(**inputs, return_dict=False)[0]
@@ -189,19 +189,33 @@ def count_dit_flops(name: str, resolution: int, kinds=DIT_KINDS, lora_rank: int 
     if "lora" in kinds:  # last: it changes the transformer
         from ..train.tasks.lora import add_lora
 
-        add_lora(transformer, lora_rank, None, DIT_LORA_TARGETS)
+        add_lora(transformer, lora_rank, None, lora_targets)
         out["lora_fwd_bwd"] = count_flops(step)
-    vae, encoders = _dit_encoders(p)
 
     def vae_enc():
         with torch.no_grad():
             vae.encode(torch.randn(1, 3, resolution, resolution, device="meta"))
 
+    out["vae_encoder_fwd"] = count_flops(vae_enc)
+    return out
+
+
+def count_dit_flops(name: str, resolution: int, kinds=DIT_KINDS, lora_rank: int = 4,
+                    text_len: int | None = None) -> dict:
+    """Per-image FLOPs of an SD3 / FLUX preset (:mod:`diffusers_npu.dit_presets`) at batch 1, counted on the
+    meta device: ``full_fwd_bwd`` (every transformer weight trained), ``lora_fwd_bwd`` (adapters on
+    ``DIT_LORA_TARGETS``), ``vae_encoder_fwd`` and ``text_encoder_fwd`` (CLIP(s) + T5, once per caption when
+    cached). ``text_len``: T5 tokens the transformer sees (default: the pipeline's ``max_sequence_length``)."""
+    from ..dit_presets import get_dit_preset
+
+    p = get_dit_preset(name)
+    out = count_dit_step_flops(p.family, p.transformer, p.vae, resolution, text_len or p.max_sequence_length,
+                               kinds, lora_rank)
+
     def text():
         with torch.no_grad():
-            for model, length in encoders:
+            for model, length in _dit_encoders(p):
                 model(torch.zeros(1, length, dtype=torch.long, device="meta"))
 
-    out["vae_encoder_fwd"] = count_flops(vae_enc)
     out["text_encoder_fwd"] = count_flops(text)
     return out

@@ -48,7 +48,8 @@ def result(a, fx: dict, rows: list, env: dict, flop_counts: dict) -> dict:
                    "engines": [e for e in a.engines if e], "reference_precision": a.ref_precision,
                    "mixed_precision": a.mixed_precision or "the script's default", "threads": a.threads,
                    "dataloader_num_workers": a.workers, "extra_flags": a.extra_flags, "flags": a.flags,
-                   "peak_tflops": a.peak_tflops, "seed": a.seed, "isolate": a.isolate},
+                   "peak_tflops": a.peak_tflops, "seed": a.seed, "isolate": a.isolate,
+                   "dit_depth": list(a.dit.depth) if getattr(a, "dit", None) and a.dit.depth else None},
         "fixture": {k: v for k, v in fx.items() if k not in ("logs", "cache")},
         "flops_per_image": {str(res): c for res, c in flop_counts.items()},
         "flops_counted": "matmul/conv/attention FLOPs at batch 1 on the meta device (FlopCounterMode): full / LoRA / "
@@ -155,6 +156,11 @@ def format_results(result: dict, markdown: bool = False) -> str:
             notes.append(f"{r['mode']}: {r['nonfinite_losses']} of the timed steps had a non-finite loss")
         if r.get("fp16_skipped_steps"):
             notes.append(f"{r['mode']}: the GradScaler skipped {r['fp16_skipped_steps']} optimizer steps (fp16)")
+    notes += result["fixture"].get("notes", [])
+    if result["fixture"].get("notes"):  # the DiT rows: which script's step ran, full-depth projections
+        from .dit import row_notes
+
+        notes += row_notes(result)
     if any(r.get("mode") == "reference" for r in result["modes"]):
         notes.append("reference*: the upstream step, re-implemented here (not a Trainer-step figure)")
     notes.append("other Trainer modes time Trainer.train_step; each row's training command is in the JSON")

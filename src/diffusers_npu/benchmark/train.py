@@ -18,9 +18,12 @@ Other rows, which are not Trainer-step figures:
                 progress-bar updates (:mod:`.upstream`)
 
 SDXL presets use the SDXL tasks (``text_to_image_sdxl``, ``controlnet_sdxl``); a task this checkout does not
-have is reported as "not run". ``--nproc N`` runs each mode under torchrun with every engine of
-``--distributed`` and reports images/s in total and per device, scaling efficiency against the same mode in
-one process, and per rank the peak memory and the bytes of parameters, gradients and optimizer state.
+have is reported as "not run". The diffusion-transformer presets (``sd3-medium``, ``sd35-large``, ``flux1-dev``,
+``--dit_depth``; ``sd3-tiny`` and ``flux-tiny`` for CPU) time the SD3 / FLUX DreamBooth tasks -- ``online`` /
+``cached`` / ``compiled`` the full fine-tuning script, ``lora`` the LoRA script: :mod:`.dit`. ``--nproc N`` runs
+each mode under torchrun with every engine of ``--distributed`` and reports images/s in total and per device,
+scaling efficiency against the same mode in one process, and per rank the peak memory and the bytes of
+parameters, gradients and optimizer state.
 How the step is timed: :mod:`.trainer_step`. FLOPs: :mod:`.flops`.
 """
 from __future__ import annotations
@@ -35,9 +38,10 @@ import time
 from . import common, report
 from ..errors import UsageError
 from .commands import TRAINER_MODES, check_flags, equivalent_command, mode_spec, parsed_args, trainer_argv
+from .dit import PRESETS as DIT_PRESETS
 
 MODES = ("reference", "upstream") + tuple(TRAINER_MODES)
-PRESET_CHOICES = ("tiny", "digits", "sd15", "sd21-base", "sd21", "sdxl-tiny", "sdxl", "embedded")
+PRESET_CHOICES = ("tiny", "digits", "sd15", "sd21-base", "sd21", "sdxl-tiny", "sdxl", "embedded") + DIT_PRESETS
 
 
 def build_parser():
@@ -49,9 +53,15 @@ def build_parser():
                                    "image folder of random images (no downloads).")
     p.add_argument("--preset", default="sd21-base", choices=PRESET_CHOICES,
                    help="architecture (random weights); 'embedded' trains the embedded digits model and data set "
-                        "as the main job does (no model or data flags)")
+                        "as the main job does (no model or data flags); sd3-*, sd35-*, flux*: the SD3 / FLUX "
+                        "DreamBooth rows (module benchmark.dit)")
+    p.add_argument("--dit_depth", default=None, metavar="D[,S]",
+                   help="SD3 / FLUX presets: keep D transformer blocks (FLUX: D double-stream, S single-stream; "
+                        "default S = 2D); the rows then measure that smaller model and add a FLOPs projection of "
+                        "the full depth")
     p.add_argument("--resolution", type=int, default=None, help="image side; default: the preset's")
-    p.add_argument("--batch_size", type=int, default=None, help="--train_batch_size; default 24 on GPU/NPU, 8 on CPU")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="--train_batch_size; default 24 on GPU/NPU, 8 on CPU (SD3 / FLUX presets: 4, 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode; default 20 (GPU/NPU), 10 (CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 5 (GPU/NPU), 2 (CPU)")
     p.add_argument("--modes", default=None,
@@ -102,17 +112,21 @@ def build_parser():
 
 
 def resolve_args(a):
+    from . import dit
     from ..presets import get_preset
 
     a.device = common.resolve_device(a.device)
     accel = a.device != "cpu"
     a.embedded = a.preset == "embedded"
-    a.arch = get_preset("digits" if a.embedded else a.preset)
-    a.sdxl = a.arch.is_sdxl
-    a.resolution = a.resolution or (16 if a.embedded else a.arch.resolution)
+    a.dit = dit.bench_info(a.preset, a.dit_depth) if dit.is_dit(a.preset) else None
+    if a.dit_depth and not a.dit:
+        raise UsageError(f"--dit_depth applies to the SD3 / FLUX presets ({', '.join(dit.REAL)})")
+    a.arch = None if a.dit else get_preset("digits" if a.embedded else a.preset)
+    a.sdxl = bool(a.arch and a.arch.is_sdxl)
+    a.resolution = a.resolution or (16 if a.embedded else (a.dit or a.arch).resolution)
     if a.resolution % 8:
         raise UsageError(f"--resolution must be a multiple of 8 (got {a.resolution})")
-    a.batch_size = a.batch_size or (24 if accel else 8)
+    a.batch_size = a.batch_size or ((4 if accel else 2) if a.dit else (24 if accel else 8))
     a.steps = a.steps if a.steps is not None else (20 if accel else 10)
     a.warmup = a.warmup if a.warmup is not None else (5 if accel else 2)
     if a.steps < 1 or a.batch_size < 1 or a.warmup < 0 or a.nproc < 1:
@@ -129,8 +143,8 @@ def resolve_args(a):
         raise UsageError(f"--distributed: unknown engine(s) {bad}; choose from ddp,fsdp,deepspeed")
     a.skipped = {}
     if a.modes is None:
-        names = [] if a.flags else ["reference", "online", "cached", "compiled"]
-        if a.device == "cpu" and not a.flags:
+        names = [] if a.flags else list(dit.DEFAULT_MODES) if a.dit else ["reference", "online", "cached", "compiled"]
+        if a.device == "cpu" and not a.flags and not a.dit:
             names.remove("compiled")
             a.skipped["compiled"] = ("skipped on CPU by default (inductor's compile of the UNet takes minutes on a "
                                      "small CPU); name it in --modes to run it")
@@ -161,7 +175,7 @@ def run_trainer_mode(a, fx: dict, name: str, spec: dict, engine, nproc: int, cou
     kind = "lora" if getattr(parsed, "use_lora", False) else spec["kind"]
     row = {"mode": name, "task": spec["task"], "kind": kind, "engine": engine or "none", "nproc": nproc,
            "flags": spec["flags"], "argv": argv, "command": equivalent_command(a, spec["task"], argv, nproc),
-           "figure": "Trainer.train_step"}
+           "script": task_cls.example, "figure": "Trainer.train_step"}
     try:
         if nproc > 1 or a.nproc > 1 or a.isolate:  # the 1-process baseline of --nproc in its own process too
             env = processes.child_env(a.device, a.threads, nproc)
@@ -175,7 +189,11 @@ def run_trainer_mode(a, fx: dict, name: str, spec: dict, engine, nproc: int, cou
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     row.update(r)
-    if "images_per_sec" in row:
+    if "images_per_sec" in row and a.dit:
+        from .dit import add_flops
+
+        add_flops(a, row, counts, kind)
+    elif "images_per_sec" in row:
         res = row["resolved"]["resolution"] if "resolved" in row else a.resolution
         report.add_flops(row, counts(res, kind), kind, encoders_in_step=not row["resolved"].get("cache_latents"),
                          peak_tflops=a.peak_tflops)
@@ -188,6 +206,9 @@ def run_other_mode(a, fx: dict, name: str, counts) -> dict:
 
     if a.embedded:
         return {"mode": name, "skipped": "needs the harness's model and image folders (not --preset embedded)"}
+    if a.dit:
+        return {"mode": name, "skipped": "the reference re-implements the SD 1.x/2.x text-to-image step only; the "
+                                         "DiT rows time the DreamBooth scripts' Trainer step"}
     if a.sdxl:
         return {"mode": name, "skipped": "the reference re-implements the SD 1.x/2.x text-to-image step only" if
                 name == "reference" else "the upstream command line is train_text_to_image.py's (SD 1.x/2.x)"}
@@ -247,7 +268,7 @@ def main(argv=None) -> dict:
 
 
 def _main(a) -> dict:
-    from . import fixture, flops
+    from . import dit, fixture, flops
     from ..train.registry import find_task
     from .trainer_step import threads_env
 
@@ -259,14 +280,18 @@ def _main(a) -> dict:
     os.makedirs(fx["logs"], exist_ok=True)
     rows, flop_cache, env = [], {}, common.environment(a.device)
     env["load_average_at_start"] = _load()
-    seq_len = a.arch.tokenizer_max_length
+    seq_len = a.arch.tokenizer_max_length if a.arch else None
+    if a.dit:
+        fx["notes"] = dit.fixture_notes(a.dit)
 
-    def counts(resolution, kind):
-        """FLOP counts at ``resolution`` with ``kind``'s step (counted once, on first use)."""
-        have = flop_cache.setdefault(resolution, {})
+    def counts(resolution, kind, text_len=None):
+        """FLOP counts at ``resolution`` (and ``text_len`` T5 tokens for DiT rows) with ``kind``'s step (counted
+        once, on first use)."""
+        have = flop_cache.setdefault(resolution if text_len is None else f"{resolution}px-{text_len}tok", {})
         if f"{kind}_fwd_bwd" not in have:
             try:
-                have.update(flops.count_training_flops(a.arch, resolution, seq_len, kinds=(kind,)))
+                have.update(dit.count_flops(a, fx["model"], resolution, kind, text_len) if a.dit else
+                            flops.count_training_flops(a.arch, resolution, seq_len, kinds=(kind,)))
             except Exception as e:  # e.g. peft missing for the LoRA count: the figures stay, TFLOP/s does not
                 have[f"{kind}_fwd_bwd"] = None
                 have[f"{kind}_error"] = common.error_line(e)
@@ -283,7 +308,9 @@ def _main(a) -> dict:
                 plan.append((name, None))
                 continue
             spec = mode_spec(a, name)
-            if find_task(spec["task"]) is None:
+            if "skipped" in spec:
+                rows.append({"mode": name, "task": "-", "skipped": spec["skipped"]})
+            elif find_task(spec["task"]) is None:
                 rows.append({"mode": name, "task": spec["task"], "skipped": f"not run: the task {spec['task']!r} is "
                              f"not in this checkout (its rows wait for it)"})
             else:
@@ -291,7 +318,8 @@ def _main(a) -> dict:
                 plan.append((name, spec))
         t0 = time.perf_counter()
         if plan and not a.embedded:
-            fx["model"], fx["model_build_s"] = fixture.model_folder(work, a.preset, a.seed, a.device)
+            fx["model"], fx["model_build_s"] = (dit.model_folder(work, a.dit, a.seed, a.device) if a.dit else
+                                                fixture.model_folder(work, a.preset, a.seed, a.device))
             fx["data"], fx["data_build_s"] = fixture.image_folder(work, a.num_samples, a.resolution, a.seed)
         fx["setup_s"] = time.perf_counter() - t0
         print(report.banner(a, env), flush=True)

@@ -138,7 +138,8 @@ def time_trainer(task_name: str, argv: list, steps: int, warmup: int) -> dict:
 #: resolved settings recorded with each measurement (what the Trainer actually used)
 RESOLVED_KEYS = ("resolution", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer",
                  "attention", "channels_last", "compile", "cache_latents", "gradient_checkpointing", "use_ema",
-                 "log_every", "max_grad_norm", "dataloader_num_workers", "use_lora", "lora_rank", "distributed")
+                 "log_every", "max_grad_norm", "dataloader_num_workers", "use_lora", "lora_rank", "distributed",
+                 "max_sequence_length")
 
 
 def _plain(v):

@@ -232,9 +232,9 @@ def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path
 
 # ------------------------------------------------------------------------------------------ embedded default
 @pytest.mark.slow
-@pytest.mark.skip(reason="open (issue #21 item 7): the embedded SD3 default reaches 83% of the required 90%; "
-                         "run it with -m slow after removing this mark once the recipe reaches 90%")
 def test_embedded_sd3_default_passes_the_learning_check(tmp_path):
+    """The launcher with no model (issue #21 item 7): the embedded SD3 default trains 800 steps and reads >= 90%
+    of its generated digits at the pipeline's defaults (100% measured; about 5 minutes on 2 cores)."""
     r = run_subprocess(["bash", os.path.join(REPO, "test", "train_full_1p_dreambooth_sd3.sh"),
                         f"--output_dir={tmp_path / 'o'}"],
                        timeout=1200, ASCEND_DEVICE_ID=f"pytest-sd3-{os.getpid()}")
@@ -242,5 +242,6 @@ def test_embedded_sd3_default_passes_the_learning_check(tmp_path):
 
     shutil.rmtree(os.path.join(REPO, "test", "output", f"pytest-sd3-{os.getpid()}"), ignore_errors=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    summary = json.load(open(tmp_path / "o" / "train_summary.json"))
-    assert summary["learning_check"]["agreement"] >= 0.9
+    check = json.load(open(tmp_path / "o" / "train_summary.json"))["learning_check"]
+    assert check["threshold"] == 0.9 and check["images"] == 100, check
+    assert check["agreement"] >= 0.9 and check["passed"], check

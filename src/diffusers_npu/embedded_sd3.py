@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 SD3_EMBEDDED_VERSION = 1  # bump when the recipe changes so stale caches are rebuilt
 RESOLUTION = embedded.RESOLUTION
-TEXT_MAX_LENGTH = 8  # CLIP positions, and the T5 length the embedded runs use (--max_sequence_length)
+TEXT_MAX_LENGTH = 8  # CLIP positions (the embedded config trains T5 at --max_sequence_length 32, the pipeline: 256)
 TOKEN_EMBEDDING_SCALE = 16.0
 
 TRANSFORMER = dict(sample_size=RESOLUTION // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=4,

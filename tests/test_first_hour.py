@@ -17,7 +17,7 @@ def test_no_arguments_is_the_launchers_embedded_default():
     from diffusers_npu.train.registry import get_task
 
     args = parse_args(get_task(T2I), [])
-    assert (args.train_batch_size, args.max_train_steps, args.learning_check, args.use_ema) == (64, 1200, True, True)
+    assert (args.train_batch_size, args.max_train_steps, args.learning_check, args.use_ema) == (64, 600, True, True)
     assert args.config_file.endswith("examples/text_to_image/configs/embedded_digits.yaml")
     dream = parse_args(get_task("dreambooth"), [])
     assert (dream.max_train_steps, dream.train_batch_size, dream.with_prior_preservation) == (400, 4, True)
@@ -131,3 +131,28 @@ def test_documentation_claims_that_were_false():
     assert "--lora test/output/0/lora " not in readme
     ignored = open(os.path.join(REPO, ".gitignore")).read().split()
     assert "/sd-model-finetuned/" in ignored and "/text-inversion-model/" in ignored
+
+
+def test_embedded_model_starts_sampling_from_pure_noise(embedded_paths):
+    """Issue #22 part 1: at 16 px, SD's schedule ends at alpha_bar 0.0047, which over an 8x8x4 latent leaves the
+    digit readable in the starting noise; the model then drew the digit the noise suggested, not the prompt's,
+    without classifier-free guidance. The embedded model trains and samples with a zero terminal SNR and
+    v-prediction, and its sampler's first step is the last training timestep."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from diffusers_npu.train.sd import load_component
+
+    train = load_component("scheduler", embedded_paths["model"], None)  # what the trainer trains with
+    assert train.config.prediction_type == "v_prediction"
+    assert float(train.alphas_cumprod[-1]) == 0.0 and float(train.alphas_cumprod[-2]) > 0.0
+    sample = DDIMScheduler.from_pretrained(embedded_paths["model"], subfolder="scheduler")
+    sample.set_timesteps(50)
+    assert int(sample.timesteps[0]) == 999 and float(sample.alphas_cumprod[999]) == 0.0
+    # the same at the default schedule would start at 0.0047: the old embedded model's case
+    from diffusers import DDPMScheduler
+
+    from diffusers_npu.presets import SD_SCHEDULER
+    assert float(DDPMScheduler(**SD_SCHEDULER).alphas_cumprod[-1]) == pytest.approx(0.0047, abs=2e-4)
+    noisy = train.add_noise(torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.tensor([999]))
+    assert torch.count_nonzero(noisy) == 0  # no trace of the image at the first sampling step

@@ -27,7 +27,9 @@ from .presets import DIGIT_WORDS
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = 1  # bump when the recipe changes so stale caches are rebuilt
+EMBEDDED_VERSION = 1  # bump when the data set recipe changes so stale caches are rebuilt
+# The SD model's own version (2: v-prediction with a zero terminal SNR, see presets "digits").
+SD_EMBEDDED_VERSION = 2
 RESOLUTION = 16
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 VAE_ASSET = os.path.join(ASSET_DIR, "digits_vae.safetensors")
@@ -220,11 +222,12 @@ def prepare(force: bool = False, progress: bool = True, refit_vae: bool = False,
         save_pipeline_folder(comps, tmp)
         if refit_vae and write_asset:
             write_vae_asset(comps["vae"], mse)
-        return {"recipe": "diffusers_npu.embedded.prepare", "version": EMBEDDED_VERSION, "preset": "digits",
+        return {"recipe": "diffusers_npu.embedded.prepare", "version": SD_EMBEDDED_VERSION, "preset": "digits",
                 "vae": vae_from}
 
     root = os.path.join(home(), f"embedded-v{EMBEDDED_VERSION}")
-    return prepare_with(os.path.join(root, "digits-sd"), lambda folder: write_model_folder(folder, fill), force)
+    return prepare_with(os.path.join(root, f"digits-sd-v{SD_EMBEDDED_VERSION}"),
+                        lambda folder: write_model_folder(folder, fill), force)
 
 
 # ------------------------------------------------------------------------------------------------ learning check

@@ -38,7 +38,7 @@ class TextToImageTask(DiffusionTask):
     example = "examples/text_to_image/train_text_to_image.py"
     launch = LaunchProfile(
         network="StableDiffusion_text_to_image", learning_check=True,
-        expected="about 13 minutes on an idle 2-core CPU (measured, README)",
+        expected="about 7 minutes on an idle 2-core CPU (measured, README)",
         embedded={"config": "examples/text_to_image/configs/embedded_digits.yaml"},
         pretrained={"resolution": 512, "max_train_steps": 15000, "train_batch_size": 1, "center_crop": True,
                     "random_flip": True, "lr_scheduler": "constant", "lr_warmup_steps": 0,

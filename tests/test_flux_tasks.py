@@ -307,8 +307,9 @@ def test_flux_readme_commands_run_on_the_tiny_model(script, cmd, flux_model, flu
 @pytest.mark.slow
 def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_model, flux_fill, tmp_path):
     """One torchrun (2 CPU processes, gloo): full fine-tuning under FSDP (its default) straight vs pre-empted at
-    step 2 and resumed -- the same bits; one FSDP step equals one process on the same global batch;
-    DreamBooth-LoRA under DDP (its default); the ControlNet under DDP, saved as the bf16 variant
+    step 2 and resumed -- the same bits; one FSDP step and one DDP step each equal one process on the same global
+    batch; DreamBooth-LoRA under DDP (its default), pre-empted and resumed to the same bits, and under FSDP; the
+    ControlNet under DDP, saved as the bf16 variant
     (--save_weight_dtype, which test_infer/controlnet.py loads), and under FSDP (its default); both ranks agree."""
     from test_distributed import COMPARE, _assert_ranks_agree, _job, _torchrun, assert_same_update
 
@@ -321,6 +322,11 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
             _job("resumed", "dreambooth_flux", tmp_path / "split", 4, *common),
             _job("lora", "dreambooth_lora_flux", tmp_path / "lora", 2, *common),
             _job("compare", "dreambooth_flux", tmp_path / "compare", 1, *common, *COMPARE),
+            _job("compare_ddp", "dreambooth_flux", tmp_path / "compare_ddp", 1, *common, *COMPARE, "--distributed",
+                 "ddp"),
+            _job("lora_fsdp", "dreambooth_lora_flux", tmp_path / "lora_fsdp", 2, *common, "--distributed", "fsdp"),
+            _job("lora_preempted", "dreambooth_lora_flux", tmp_path / "lora_split", 2, *common, sigterm_at=1),
+            _job("lora_resumed", "dreambooth_lora_flux", tmp_path / "lora_split", 2, *common),
             _job("cn_ddp", "controlnet_flux", tmp_path / "cn_ddp", 2, *_cn_flags(model, flux_fill), "--distributed",
                  "ddp", "--save_weight_dtype", "bf16"),
             _job("cn_fsdp", "controlnet_flux", tmp_path / "cn_fsdp", 2, *_cn_flags(model, flux_fill))]
@@ -328,12 +334,16 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
 
     results, _ = _torchrun(tmp_path, jobs, free_port())
     # full fine-tuning runs under FSDP by default: each rank holds its own shard (the saved models are compared)
-    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "compare", "cn_fsdp"})
-    # one optimizer step under FSDP on 2 processes = one process with the same global batch (4)
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "compare", "cn_fsdp", "lora_fsdp"})
+    # one optimizer step on 2 processes, under FSDP and under DDP = one process with the same global batch (4)
     from trainkit import train
 
     train("dreambooth_flux", tmp_path / "one", *common, *COMPARE, steps=1, batch=4)
     assert_same_update(tmp_path / "compare", tmp_path / "one", model, "transformer")
+    assert_same_update(tmp_path / "compare_ddp", tmp_path / "one", model, "transformer")
+    from test_distributed import _ran
+
+    assert _ran(_torchrun.engines, "compare_ddp", "ddp") and _ran(_torchrun.engines, "lora_fsdp", "fsdp")
     import json
 
     split = json.load(open(tmp_path / "split" / "train_summary.json"))
@@ -341,9 +351,15 @@ def test_flux_two_processes_fsdp_full_resume_exactly_and_lora_under_ddp(flux_mod
     assert split["distributed"] == "fsdp"
     assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))
     assert json.load(open(tmp_path / "lora" / "train_summary.json"))["distributed"] == "ddp"
-    assert os.path.isfile(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
-    from diffusers import FluxControlNetModel
+    for name in ("lora", "lora_fsdp"):
+        assert os.path.isfile(tmp_path / name / "pytorch_lora_weights.safetensors")
     from safetensors.torch import load_file
+
+    lora_parts = json.load(open(tmp_path / "lora_split" / "train_summary.json"))["parts"]
+    assert [p["exit_reason"] for p in lora_parts] == ["preempted", "completed"]  # LoRA resumes to the same bits
+    assert same_weights(load_file(str(tmp_path / "lora_split" / "pytorch_lora_weights.safetensors")),
+                        load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")))
+    from diffusers import FluxControlNetModel
 
     saved = load_file(str(tmp_path / "cn_ddp" / "diffusion_pytorch_model.bf16.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}

@@ -169,12 +169,12 @@ def test_controlnet_sd3_output_and_checkpoint_load_and_steer_the_pipeline(tmp_pa
 
     from diffusers_npu.train.tasks.dreambooth_sd3 import DreamBoothSD3Task
 
-    model = DreamBoothSD3Task.prepare_embedded()["model"]  # 4 blocks: SD3 steers all but the last
+    model = DreamBoothSD3Task.prepare_embedded()["model"]  # 4 blocks: 2 ControlNet layers, each read by a block
     out = tmp_path / "cn"
     train("controlnet_sd3", out, "--pretrained_model_name_or_path", model, "--max_train_samples", "8",
           "--learning_rate", "1e-2", "--resolution", "16", "--max_sequence_length", "8", steps=2, batch=2, ckpt=2)
     net = SD3ControlNetModel.from_pretrained(str(out))
-    assert net.config.num_layers == 3
+    assert net.config.num_layers == 2
     SD3ControlNetModel.from_pretrained(str(out / "checkpoint-2" / "controlnet"))
     pipe = StableDiffusion3ControlNetPipeline.from_pretrained(model, controlnet=net)
     img = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8"))
@@ -204,9 +204,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, tiny, instance
 # ------------------------------------------------------------------------------------- two processes (CPU)
 @pytest.mark.slow
 def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path, tiny, instance_dir):
-    from test_distributed import COMPARE, RESUMABLE, _assert_ranks_agree, _job, _torchrun, assert_same_update
+    from test_distributed import COMPARE, RESUMABLE, _assert_ranks_agree, _job, _ran, _torchrun, assert_same_update
+
+    from diffusers_npu.train.tasks.dreambooth_sd3 import DreamBoothSD3Task
 
     base = ["--pretrained_model_name_or_path", tiny["sd3"], "--instance_data_dir", instance_dir, *TINY]
+    # the ControlNet on the embedded SD3 model (4 blocks; the tiny pipeline's single block leaves it none)
+    cn = ["--pretrained_model_name_or_path", DreamBoothSD3Task.prepare_embedded()["model"], "--max_train_samples", "8",
+          "--resolution", "16", "--max_sequence_length", "8", "--per_sample_noise", "--resume_from_checkpoint",
+          "latest"]
     fsdp = ["--distributed", "fsdp"]
     jobs = [_job("straight", "dreambooth_sd3", tmp_path / "straight", 3, *base, *RESUMABLE, *fsdp, batch=1),
             _job("preempted", "dreambooth_sd3", tmp_path / "split", 3, *base, *RESUMABLE, *fsdp, batch=1,
@@ -215,12 +221,33 @@ def test_two_processes_ddp_and_fsdp_and_a_preempted_run_resumes_exactly(tmp_path
             _job("lora_ddp", "dreambooth_lora_sd3", tmp_path / "lora", 2, *base, "--train_text_encoder",
                  "--distributed", "ddp", batch=1),
             _job("lora_fsdp", "dreambooth_lora_sd3", tmp_path / "lora_fsdp", 2, *base, *fsdp, batch=1),
-            _job("compare", "dreambooth_sd3", tmp_path / "compare", 1, *base, *COMPARE, *fsdp, batch=1)]
-    results, _ = _torchrun(tmp_path, jobs, 29631)
-    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "lora_fsdp", "compare"})
-    # one optimizer step under FSDP on 2 processes = one process with the same global batch (2)
+            _job("compare", "dreambooth_sd3", tmp_path / "compare", 1, *base, *COMPARE, *fsdp, batch=1),
+            _job("compare_ddp", "dreambooth_sd3", tmp_path / "compare_ddp", 1, *base, *COMPARE, "--distributed", "ddp",
+                 batch=1),
+            *[_job(f"cn_{engine}", "controlnet_sd3", tmp_path / f"cn_{engine}", 2, *cn, "--distributed", engine,
+                   batch=1, ckpt=2) for engine in ("ddp", "fsdp")],
+            _job("cn_preempted", "controlnet_sd3", tmp_path / "cn_split", 2, *cn, *fsdp, batch=1, sigterm_at=1),
+            _job("cn_resumed", "controlnet_sd3", tmp_path / "cn_split", 2, *cn, *fsdp, batch=1)]
+    from trainkit import free_port  # other test runs on this machine use the fixed ports
+
+    results, _ = _torchrun(tmp_path, jobs, free_port())
+    _assert_ranks_agree(results, sharded={"straight", "preempted", "resumed", "lora_fsdp", "compare", "cn_fsdp",
+                                          "cn_preempted", "cn_resumed"})
+    asked = {"compare": "fsdp", "compare_ddp": "ddp", "lora_ddp": "ddp", "lora_fsdp": "fsdp", "cn_ddp": "ddp",
+             "cn_fsdp": "fsdp"}
+    assert all(_ran(_torchrun.engines, name, engine) for name, engine in asked.items()), _torchrun.engines
+    # one optimizer step on 2 processes, under FSDP and under DDP = one process with the same global batch (2)
     train("dreambooth_sd3", tmp_path / "one", *base, *COMPARE, steps=1, batch=2)
     assert_same_update(tmp_path / "compare", tmp_path / "one", tiny["sd3"], "transformer")
+    assert_same_update(tmp_path / "compare_ddp", tmp_path / "one", tiny["sd3"], "transformer")
+    from diffusers import SD3ControlNetModel
+
+    for engine in ("ddp", "fsdp"):  # the ControlNet and its checkpoint load
+        SD3ControlNetModel.from_pretrained(str(tmp_path / f"cn_{engine}"))
+        SD3ControlNetModel.from_pretrained(str(tmp_path / f"cn_{engine}" / "checkpoint-2" / "controlnet"))
+    cn_parts = json.load(open(tmp_path / "cn_split" / "train_summary.json"))["parts"]
+    assert [p["exit_reason"] for p in cn_parts] == ["preempted", "completed"]  # the ControlNet resumes exactly
+    assert same_weights(weights(tmp_path / "cn_split", None), weights(tmp_path / "cn_fsdp", None))
     split = json.load(open(tmp_path / "split" / "train_summary.json"))
     assert [p["exit_reason"] for p in split["parts"]] == ["preempted", "completed"]
     assert same_weights(weights(tmp_path / "split", "transformer"), weights(tmp_path / "straight", "transformer"))
@@ -237,7 +264,8 @@ def test_embedded_sd3_default_passes_the_learning_check(tmp_path):
     of its generated digits at the pipeline's defaults (100% measured; about 5 minutes on 2 cores)."""
     r = run_subprocess(["bash", os.path.join(REPO, "test", "train_full_1p_dreambooth_sd3.sh"),
                         f"--output_dir={tmp_path / 'o'}"],
-                       timeout=1200, ASCEND_DEVICE_ID=f"pytest-sd3-{os.getpid()}")
+                       # both cores, as the README's command gets them (the trainer probes; "" = unset)
+                       timeout=1200, ASCEND_DEVICE_ID=f"pytest-sd3-{os.getpid()}", OMP_NUM_THREADS="")
     import shutil
 
     shutil.rmtree(os.path.join(REPO, "test", "output", f"pytest-sd3-{os.getpid()}"), ignore_errors=True)

@@ -21,8 +21,8 @@ from .controlnet import ControlNetTask
 
 logger = logging.getLogger(__name__)
 
-#: upstream's ControlNet depth (``SD3ControlNetModel.from_transformer``'s default), at most the transformer's
-#: blocks before its last (context-pre-only) one
+#: upstream's ControlNet depth (``SD3ControlNetModel.from_transformer``'s default), at most half the transformer's
+#: blocks (see ``controlnet_from_transformer``)
 CONTROLNET_LAYERS = 12
 
 
@@ -30,6 +30,9 @@ class ControlNetSD3Module(DiTModule):
     """The ControlNet is registered (trained); the transformer is frozen and only referred to."""
 
     family = SD3
+    # SD3ControlNetModel builds every block with a text stream, and the last block's text output is discarded:
+    # those weights never get a gradient, which DDP must be told (Engine.make_accelerator).
+    has_unused_parameters = True
 
     def step_inputs(self, batch):
         """(noised sample, prompt_embeds, pooled_prompt_embeds, conditioning latents) of a batch."""
@@ -157,7 +160,10 @@ class ControlNetSD3Task(DiTTask, ControlNetTask):
     def controlnet_from_transformer(self):
         from diffusers import SD3ControlNetModel
 
-        layers = min(CONTROLNET_LAYERS, self.transformer.config.num_layers - 1)
+        # SD3 adds ControlNet output int(i * L / N) to block i of its N blocks, except the last (context-pre-only)
+        # one; every one of the L outputs is read only if L <= N / 2 (SD3-medium: 24 blocks, 12 layers). More
+        # layers would train blocks whose output no block reads (and DDP would stop on their missing gradients).
+        layers = min(CONTROLNET_LAYERS, max(1, self.transformer.config.num_layers // 2))
         extra = self.args.num_extra_conditioning_channels
         return SD3ControlNetModel.from_transformer(self.transformer, num_layers=layers,
                                                    num_extra_conditioning_channels=extra)

@@ -264,8 +264,7 @@ def test_embedded_sd3_default_passes_the_learning_check(tmp_path):
     of its generated digits at the pipeline's defaults (100% measured; about 5 minutes on 2 cores)."""
     r = run_subprocess(["bash", os.path.join(REPO, "test", "train_full_1p_dreambooth_sd3.sh"),
                         f"--output_dir={tmp_path / 'o'}"],
-                       # both cores, as the README's command gets them (the trainer probes; "" = unset)
-                       timeout=1200, ASCEND_DEVICE_ID=f"pytest-sd3-{os.getpid()}", OMP_NUM_THREADS="")
+                       timeout=1200, ASCEND_DEVICE_ID=f"pytest-sd3-{os.getpid()}")
     import shutil
 
     shutil.rmtree(os.path.join(REPO, "test", "output", f"pytest-sd3-{os.getpid()}"), ignore_errors=True)
